@@ -1,0 +1,12 @@
+"""lmc_jax: Score Distillation Sampling with Learned Manifold Corrective, in JAX/Flax.
+
+Data flows one way: config -> prior -> guidance loss -> application step -> optax ->
+checkpoint. See README.md for the commands and DESIGN notes in the docstrings of
+`lmc_jax.guidance` for the equations.
+"""
+
+from lmc_jax import _runtime
+
+_runtime.configure()
+
+__version__ = "0.1.0"

@@ -1,0 +1,187 @@
+"""Guidance losses against closed forms, autodiff of their defining losses, and each other."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmc_jax import guidance, schedule
+from lmc_jax.errors import UserError
+from lmc_jax.guidance import Conditioning, GuidanceParams
+from lmc_jax.priors import gaussian
+
+RES = 8
+
+
+@pytest.fixture(scope="module")
+def prior():
+    return gaussian.gaussian_prior(resolution=RES, classes=gaussian.DEFAULT_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def single():
+    return gaussian.gaussian_prior(resolution=RES)
+
+
+def _inputs(prior, batch=3, seed=0, prompt="red"):
+    key = jax.random.PRNGKey(seed)
+    x = gaussian.sample(prior.params, key, batch)
+    t = jnp.array([40, 400, 850][:batch])
+    eps = jax.random.normal(jax.random.fold_in(key, 1), x.shape)
+    cond = Conditioning(c=prior.embed_text([prompt] * batch), u=prior.embed_text([""] * batch))
+    return x, t, eps, cond
+
+
+def test_eps_identity_projection_is_residual_to_x_hat(prior):
+    """`e_c - eps = (a/s)(x - x_hat)` with `x_hat = (x_t - s e_c)/a`."""
+    x, t, eps, cond = _inputs(prior)
+    a, s = schedule.alpha_sigma(prior.alphas_cumprod, t)
+    x_t = schedule.add_noise(x, eps, a, s)
+    e_c = prior.eps(x_t, t, cond.c)
+    x_hat = (x_t - schedule.bcast(s, x) * e_c) / schedule.bcast(a, x)
+    np.testing.assert_allclose(e_c - eps, schedule.bcast(a / s, x) * (x - x_hat), atol=2e-4)
+
+
+def test_sds_is_weighted_guided_residual(prior):
+    x, t, eps, cond = _inputs(prior)
+    hp = GuidanceParams(w=3.0, weighting="sigma2")
+    out = guidance.sds(prior, x, t, eps, cond, hp)
+    a, s = schedule.alpha_sigma(prior.alphas_cumprod, t)
+    x_t = a[:, None, None, None] * x + s[:, None, None, None] * eps
+    e_c, e_u = prior.eps(x_t, t, cond.c), prior.eps(x_t, t, cond.u)
+    e_w = e_c + 3.0 * (e_c - e_u)
+    want = (s**2)[:, None, None, None] * (e_w - eps)
+    np.testing.assert_allclose(out.grad, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.parts["L_cond"] + out.parts["L_proj"], out.grad, atol=1e-6)
+    assert float(jnp.abs(out.parts["L_cond"]).max()) > 0  # the prompt matters in the mixture
+
+
+def test_no_gradient_flows_through_the_denoiser(prior):
+    x, t, eps, cond = _inputs(prior)
+    for name in ["sds", "csd", "nfsd"]:
+        fn = guidance.METHODS[name]
+        g = jax.grad(lambda z, fn=fn: jnp.sum(fn(prior, z, t, eps, cond, GuidanceParams()).grad))(x)
+        assert float(jnp.abs(g).max()) == 0.0, name
+
+
+def _tanh_bias(x, t, emb):
+    """A nonlinear stand-in for b_psi, to test the Jacobian-transpose product."""
+    return jnp.tanh(1.3 * x) * (1.0 - t[:, None, None, None] / 2000.0) + 0.1 * x**2
+
+
+@pytest.mark.parametrize("bias", ["exact", "tanh"])
+def test_lmc_gradient_is_grad_of_l_lmc(prior, bias):
+    x, t, eps, cond = _inputs(prior)
+    bias_fn = prior.exact_bias if bias == "exact" else _tanh_bias
+    hp = GuidanceParams(w=2.0, bias_fn=bias_fn)
+    out = guidance.lmc_sds(prior, x, t, eps, cond, hp)
+    # x_hat is held fixed (stop-gradient) in L_lmc: compute it once, independently.
+    a, s = schedule.alpha_sigma(prior.alphas_cumprod, t)
+    x_t = schedule.add_noise(x, eps, a, s)
+    x_hat = (x_t - schedule.bcast(s, x) * prior.eps(x_t, t, cond.c)) / schedule.bcast(a, x)
+    coef = schedule.bcast(s**2 * a / s, x)
+
+    def l_lmc(z):
+        return jnp.sum(0.5 * coef * (bias_fn(z, t, cond.c) - x_hat) ** 2)
+
+    want = jax.grad(l_lmc)(x)
+    np.testing.assert_allclose(out.parts["L_lmc"], want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out.scalars["L_lmc"] * x.shape[0], l_lmc(x), rtol=1e-4)
+    # Finite differences along a random direction (central, float32).
+    v = jax.random.normal(jax.random.PRNGKey(7), x.shape)
+    h = 1e-2
+    fd = (l_lmc(x + h * v) - l_lmc(x - h * v)) / (2 * h)
+    np.testing.assert_allclose(jnp.sum(out.parts["L_lmc"] * v), fd, rtol=2e-3)
+    np.testing.assert_allclose(out.parts["L_cond"], guidance.csd(prior, x, t, eps, cond, hp).grad,
+                               rtol=1e-6)
+
+
+def test_lmc_projection_averages_to_zero_sds_to_high_pass_residual(single):
+    """On data with the exact b: E_eps[grad L_lmc] = 0; E_eps[L_proj] = W (a/s)(x - b(x))."""
+    prior = single
+    n = 4096
+    x0 = gaussian.sample(prior.params, jax.random.PRNGKey(3), 1)
+    x = jnp.broadcast_to(x0, (n, RES, RES, 3))
+    t = jnp.full((n,), 300)
+    eps = jax.random.normal(jax.random.PRNGKey(4), x.shape)
+    cond = Conditioning(c=prior.embed_text([""] * n), u=prior.embed_text([""] * n))
+    hp = GuidanceParams(w=0.0, bias_fn=prior.exact_bias)
+    g_lmc = guidance.lmc_sds(prior, x, t, eps, cond, hp).parts["L_lmc"]
+    g_sds = guidance.sds(prior, x, t, eps, cond, hp).parts["L_proj"]
+    a, s = (float(v[0]) for v in schedule.alpha_sigma(prior.alphas_cumprod, t[:1]))
+    want_sds = s**2 * (a / s) * (x0[0] - prior.exact_bias(x0, t[:1], cond.c[:1])[0])
+    se_lmc = g_lmc.std(0) / np.sqrt(n)
+    se_sds = g_sds.std(0) / np.sqrt(n)
+    assert float(jnp.max(jnp.abs(g_lmc.mean(0)) / se_lmc)) < 5.0
+    assert float(jnp.max(jnp.abs(g_sds.mean(0) - want_sds) / se_sds)) < 5.0
+    # ...and the SDS residual is far from zero: many standard errors on average.
+    assert float(jnp.mean(jnp.abs(want_sds) / se_sds)) > 10.0
+
+
+def test_dds_identical_source_and_target_is_zero(prior):
+    x, t, eps, cond = _inputs(prior)
+    cond = cond.replace(src=cond.c, x_src=x)
+    out = guidance.dds(prior, x, t, eps, cond, GuidanceParams(w=7.5))
+    assert float(jnp.abs(out.grad).max()) == 0.0
+    # ...but not when the prompts differ.
+    other = cond.replace(src=prior.embed_text(["blue"] * 3))
+    assert float(jnp.abs(guidance.dds(prior, x, t, eps, other, GuidanceParams()).grad).max()) > 0
+
+
+def test_dds_without_source_is_a_clear_error(prior):
+    x, t, eps, cond = _inputs(prior)
+    with pytest.raises(UserError, match="source"):
+        guidance.dds(prior, x, t, eps, cond, GuidanceParams())
+
+
+def test_csd_is_sds_conditioning_part(prior):
+    x, t, eps, cond = _inputs(prior)
+    hp = GuidanceParams(w=5.0)
+    np.testing.assert_array_equal(guidance.csd(prior, x, t, eps, cond, hp).grad,
+                                  guidance.sds(prior, x, t, eps, cond, hp).parts["L_cond"])
+
+
+def test_nfsd_switches_unconditional_term_at_threshold(prior):
+    x, _, eps, cond = _inputs(prior, batch=2)
+    cond = cond.replace(neg=prior.embed_text(["green"] * 2))
+    t = jnp.array([199, 200])
+    hp = GuidanceParams(w=7.5, weighting="one", nfsd_threshold=200)
+    out = guidance.nfsd(prior, x, t, eps, cond, hp)
+    a, s = schedule.alpha_sigma(prior.alphas_cumprod, t)
+    x_t = schedule.add_noise(x, eps, a, s)
+    e_u, e_n = prior.eps(x_t, t, cond.u), prior.eps(x_t, t, cond.neg)
+    np.testing.assert_allclose(out.parts["L_proj"][0], e_u[0], atol=1e-6)
+    np.testing.assert_allclose(out.parts["L_proj"][1], (e_u - e_n)[1], atol=1e-6)
+    assert float(jnp.abs(e_n[1]).max()) > 0
+
+
+def test_lmc_without_bias_is_a_clear_error(prior):
+    x, t, eps, cond = _inputs(prior)
+    with pytest.raises(UserError, match="bias"):
+        guidance.lmc_sds(prior, x, t, eps, cond, GuidanceParams())
+
+
+def test_surrogate_loss_gradient_is_guidance(prior):
+    x, t, eps, cond = _inputs(prior)
+    out = guidance.sds(prior, x, t, eps, cond, GuidanceParams())
+    np.testing.assert_array_equal(jax.grad(guidance.surrogate_loss)(x, out.grad), out.grad)
+
+
+def test_sample_noise_fixed_and_fresh():
+    key = jax.random.PRNGKey(0)
+    kw = dict(t_min=20, t_max=980)
+    t0, e0 = guidance.sample_noise(key, 0, 4, (8, 8, 3), fixed_noise=True, **kw)
+    t1, e1 = guidance.sample_noise(key, 1, 4, (8, 8, 3), fixed_noise=True, **kw)
+    np.testing.assert_array_equal(e0, e1)
+    assert not np.array_equal(t0, t1)
+    f0, g0 = guidance.sample_noise(key, 0, 4, (8, 8, 3), fixed_noise=False, **kw)
+    f1, g1 = guidance.sample_noise(key, 1, 4, (8, 8, 3), fixed_noise=False, **kw)
+    assert not np.array_equal(g0, g1)
+    np.testing.assert_array_equal(g0, guidance.sample_noise(key, 0, 4, (8, 8, 3),
+                                                            fixed_noise=False, **kw)[1])
+    for tt in [t0, t1, f0, f1]:
+        assert int(tt.min()) >= 20 and int(tt.max()) < 980
+    # Annealing: by the end, t stays below the final upper bound.
+    ta, _ = guidance.sample_noise(key, 100, 256, (1, 1, 1), fixed_noise=False, t_min=20,
+                                  t_max=980, t_max_final=500, anneal="linear", total_steps=100)
+    assert int(ta.max()) < 500 and int(ta.max()) > 400

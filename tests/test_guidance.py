@@ -185,3 +185,10 @@ def test_sample_noise_fixed_and_fresh():
     ta, _ = guidance.sample_noise(key, 100, 256, (1, 1, 1), fixed_noise=False, t_min=20,
                                   t_max=980, t_max_final=500, anneal="linear", total_steps=100)
     assert int(ta.max()) < 500 and int(ta.max()) > 400
+
+
+def test_wrong_image_shape_is_a_clear_error(prior):
+    x, t, eps, cond = _inputs(prior)
+    bad = jax.numpy.zeros((3, 16, 16, 3))
+    with pytest.raises(UserError, match="shape"):
+        guidance.sds(prior, bad, t, jax.numpy.zeros_like(bad), cond, GuidanceParams())

@@ -1,0 +1,1 @@
+"""Applications. Each module has `run(config, workdir) -> dict` (the metrics it wrote)."""

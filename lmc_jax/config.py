@@ -1,0 +1,114 @@
+"""Shared pieces of the experiment configs (configs/*.py) and their validation.
+
+Every config is an `ml_collections.ConfigDict` with an `app` key (the module in
+`lmc_jax.apps` that runs it). Config files build their sections from the helpers here so that
+the same key means the same thing in every app.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+import ml_collections
+
+from lmc_jax.errors import UserError
+
+
+def prior_config(name: str = "gaussian", **overrides) -> ml_collections.ConfigDict:
+    """The `prior` section.
+
+    name: 'gaussian' (exact, one component), 'gaussian_mixture' (exact, coloured classes
+      selected by the prompt), 'tiny_sd' (random SD-architecture, offline) or 'sd' (Stable
+      Diffusion from `path`: a local diffusers folder or a hub id).
+    """
+    cfg = ml_collections.ConfigDict({
+        "name": name,
+        "resolution": 32,  # gaussian*: image size; tiny_sd: image size (latents are /2)
+        "variance": 0.25,  # gaussian*: pixel variance of the data
+        # sd: a local diffusers folder or a hub id (stabilityai/stable-diffusion-2-1-base)
+        "path": "",
+        "dtype": "float32",  # sd / tiny_sd: 'float32' or 'bfloat16'
+        "from_pt": False,  # sd: the folder holds PyTorch weights only
+        "seed": 0,  # tiny_sd: init seed
+    })
+    cfg.update(overrides)
+    return cfg
+
+
+def guidance_config(method: str = "lmc", **overrides) -> ml_collections.ConfigDict:
+    """The `guidance` section.
+
+    w is the paper's guidance weight: `e_w = e_c + w (e_c - e_u)`. diffusers/threestudio's
+    `guidance_scale` g equals w + 1 (their 100 is our 99).
+    """
+    cfg = ml_collections.ConfigDict({
+        "method": method,  # sds | lmc | dds | nfsd | csd
+        "w": 7.5,
+        "weighting": "sigma2",  # W(t): one | sigma2 | sigma | sigma_over_alpha
+        "t_min": 20,
+        "t_max": 980,
+        "t_anneal": "none",  # none | linear | sqrt: t_max moves to t_max_final over training
+        "t_max_final": 500,
+        "fixed_noise": False,  # draw eps (and the t-schedule's offset) once per run
+        "bias": "exact",  # lmc: 'exact' (Gaussian prior's closed form) or 'learned'
+        "bias_path": "",  # lmc with bias='learned': a trained b_psi folder
+        "nfsd_threshold": 200,
+        "negative_prompt": ("unrealistic, blurry, low quality, out of focus, ugly, low contrast,"
+                            " dull, dark, low-resolution, gloomy"),
+    })
+    cfg.update(overrides)
+    return cfg
+
+
+def parse_preset(arg: str | None, presets: Iterable[str], config_name: str) -> str:
+    """Returns the preset name given after ':' in `--config=configs/X.py:PRESET` ('' = default)."""
+    arg = (arg or "").strip()
+    valid = sorted(presets)
+    if arg and arg not in valid:
+        raise UserError(f"unknown preset {arg!r} for configs/{config_name}.py; "
+                        f"choose one of {valid} (or none for the default){_suggest(arg, valid)}")
+    return arg
+
+
+def _suggest(word: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def all_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Dotted paths of every leaf key in `cfg`."""
+    keys = []
+    for k, v in cfg.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, ml_collections.ConfigDict):
+            keys.extend(all_keys(v, path + "."))
+        else:
+            keys.append(path)
+    return keys
+
+
+def unknown_key_message(key: str, cfg: ml_collections.ConfigDict | None) -> str:
+    """One line naming an unknown `--config.KEY` and the nearest valid key."""
+    hint = ""
+    if cfg is not None:
+        keys = all_keys(cfg)
+        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+        if not close:
+            leaf = key.rsplit(".", 1)[-1]
+            close = [k for k in keys if k.rsplit(".", 1)[-1] in
+                     difflib.get_close_matches(leaf, [q.rsplit(".", 1)[-1] for q in keys], n=1)]
+        hint = f"; did you mean --config.{close[0]}?" if close else ""
+    return f"unknown config key {key!r} (from --config.{key}=...){hint}"
+
+
+def require_prompt(prompt: str, what: str = "prompt") -> str:
+    """Rejects an empty or blank prompt with a clear message."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UserError(f"{what} is empty; pass one with --config.{what}=\"a photo of ...\"")
+    return prompt.strip()
+
+
+def require_positive(value: int | float, key: str) -> None:
+    if value <= 0:
+        raise UserError(f"{key} must be > 0, got {value}; set --config.{key}=N")

@@ -1,0 +1,32 @@
+"""Builds the prior named in a config's `prior` section."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from lmc_jax.errors import UserError
+from lmc_jax.priors.base import Prior
+
+PRIOR_NAMES = ("gaussian", "gaussian_mixture", "tiny_sd", "sd")
+
+
+def build_prior(cfg: ml_collections.ConfigDict) -> Prior:
+    """`cfg.name` picks the backend; see `lmc_jax.config.prior_config` for the keys."""
+    if cfg.name == "gaussian":
+        from lmc_jax.priors.gaussian import gaussian_prior
+
+        return gaussian_prior(resolution=cfg.resolution, variance=cfg.variance)
+    if cfg.name == "gaussian_mixture":
+        from lmc_jax.priors.gaussian import DEFAULT_CLASSES, gaussian_prior
+
+        return gaussian_prior(resolution=cfg.resolution, variance=cfg.variance,
+                              classes=DEFAULT_CLASSES)
+    if cfg.name == "tiny_sd":
+        from lmc_jax.priors.sd import tiny_sd_prior
+
+        return tiny_sd_prior(seed=cfg.seed, image_size=cfg.resolution, dtype=cfg.dtype)
+    if cfg.name == "sd":
+        from lmc_jax.priors.sd import load_stable_diffusion
+
+        return load_stable_diffusion(cfg.path, dtype=cfg.dtype, from_pt=cfg.from_pt)
+    raise UserError(f"unknown prior.name {cfg.name!r}; choose one of {list(PRIOR_NAMES)}")

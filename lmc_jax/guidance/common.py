@@ -73,6 +73,7 @@ def denoise(prior: Prior, x: jax.Array, t: jax.Array, eps: jax.Array,
     """Noises `x` once (`x_t = a_t x + s_t eps`) and runs the denoiser for each embedding in
     ONE batched call (e.g. cond + uncond). Returns `x_t` and the list of `stop_gradient` eps
     predictions, one per embedding."""
+    prior.check_x(x)
     a, s = schedule.alpha_sigma(prior.alphas_cumprod, t)
     x_t = schedule.add_noise(x, eps, a, s)
     k = len(embs)

@@ -1,0 +1,104 @@
+"""Training of `b_psi` (DESIGN.md section 1):
+
+    min_psi E_{x, t, eps} || b_psi(x, t) - sg(x_hat_phi(a_t x + s_t eps; t)) ||^2
+
+on clean samples `x` of the data. `x_hat` is the one-step estimate of the frozen prior with the
+null prompt (`target='uncond'`) or with the sample's own prompt (`target='cond'`, for a
+conditional `b_psi`). With `antithetic=True` the target is `(x_hat(eps) + x_hat(-eps)) / 2`,
+an unbiased estimate of `E_eps[x_hat]` with less variance (two denoiser calls per sample).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from lmc_jax import schedule
+from lmc_jax.bias.model import BiasNet
+from lmc_jax.priors.base import Prior, x_hat_from_eps
+
+
+@struct.dataclass
+class BiasState:
+    """Everything a bias-training run checkpoints."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    key: jax.Array
+
+
+def init_state(module: BiasNet, prior: Prior, opt: optax.GradientTransformation, seed: int,
+               emb_example: jax.Array) -> BiasState:
+    key = jax.random.PRNGKey(seed)
+    k_init, k_run = jax.random.split(key)
+    x = jnp.zeros((1, *prior.x_shape))
+    params = module.init(k_init, x, jnp.zeros((1,), jnp.int32), emb_example[:1])["params"]
+    return BiasState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=opt.init(params),
+                     key=k_run)
+
+
+def deficiency_target(prior: Prior, x: jax.Array, t: jax.Array, eps: jax.Array, emb: jax.Array,
+                      antithetic: bool) -> jax.Array:
+    """`sg(x_hat)` of the frozen prior for clean `x` (one batched denoiser call)."""
+    a, s = schedule.alpha_sigma(prior.alphas_cumprod, t)
+    if antithetic:
+        xx, tt, ee, mm = (jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                          jnp.concatenate([eps, -eps]), jnp.concatenate([emb, emb]))
+        aa, ss = jnp.concatenate([a, a]), jnp.concatenate([s, s])
+    else:
+        xx, tt, ee, mm, aa, ss = x, t, eps, emb, a, s
+    x_t = schedule.add_noise(xx, ee, aa, ss)
+    xh = x_hat_from_eps(x_t, prior.eps(x_t, tt, mm).astype(jnp.float32), aa, ss)
+    if antithetic:
+        n = x.shape[0]
+        xh = 0.5 * (xh[:n] + xh[n:])
+    return jax.lax.stop_gradient(xh)
+
+
+def make_train_step(module: BiasNet, prior: Prior, opt: optax.GradientTransformation, *,
+                    t_min: int = 0, t_max: int = 1000, antithetic: bool = False
+                    ) -> Callable[[BiasState, jax.Array, jax.Array], tuple[BiasState, dict]]:
+    """Returns a jitted `step(state, x, emb) -> (state, metrics)`.
+
+    `emb` is the denoiser conditioning used for the target and (for a conditional module) the
+    module's input: the null prompt's embedding for `target='uncond'`.
+    """
+
+    def loss_fn(params, x, t, emb, target):
+        b = module.apply({"params": params}, x, t, emb if module.conditional else None)
+        return jnp.mean((b - target) ** 2)
+
+    @jax.jit
+    def step(state: BiasState, x: jax.Array, emb: jax.Array) -> tuple[BiasState, dict]:
+        k_t, k_eps = jax.random.split(jax.random.fold_in(state.key, state.step))
+        t = jax.random.randint(k_t, (x.shape[0],), t_min, t_max)
+        eps = jax.random.normal(k_eps, x.shape)
+        target = deficiency_target(prior, x, t, eps, emb, antithetic)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, x, t, emb, target)
+        updates, opt_state = opt.update(grads, state.opt_state, state.params)
+        new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            opt_state=opt_state)
+        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    return step
+
+
+def relative_bias_error(bias_fn: Callable, prior: Prior, x: jax.Array, emb: jax.Array,
+                        ts: list[int]) -> dict[int, float]:
+    """`E_x || b_psi(x, t) - b(x, t) || / || b(x, t) - mu ||` per t, against the prior's exact
+    deficiency `b` (`mu` = the prompt's class mean, where `b` returns to it as t grows)."""
+    mu = (emb / jnp.sum(emb, -1, keepdims=True)) @ prior.params["mu"]
+    out = {}
+    for t in ts:
+        tt = jnp.full((x.shape[0],), t, jnp.int32)
+        b = prior.exact_bias(x, tt, emb)
+        err = jnp.sqrt(jnp.sum((bias_fn(x, tt, emb) - b) ** 2, axis=(1, 2, 3)))
+        ref = jnp.sqrt(jnp.sum((b - mu[:, None, None, :]) ** 2, axis=(1, 2, 3)))
+        out[t] = float(jnp.mean(err / ref))
+    return out

@@ -37,10 +37,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.bias = ml_collections.ConfigDict({
         "features": 32,
         "normalize": True,  # per-image, per-channel normalized input; de-normalized output
+        # subtract the per-image mean too (exact shift equivariance, but the image mean then
+        # passes through unchanged: wrong where the deficiency shrinks the mean, e.g. large t)
+        "center": False,
         "padding": "REFLECT",  # CIRCULAR for periodic data (the Gaussian testbed)
         "conditional": False,
         "target": "uncond",  # x_hat from the null prompt ('uncond') or the sample's ('cond')
         "antithetic": True,  # average x_hat over eps and -eps (unbiased, lower variance)
+        "loss_weight": "relative",  # relative | uniform (see lmc_jax.bias.train)
     })
     config.train = ml_collections.ConfigDict({
         "steps": 20000, "batch": 32, "lr": 2e-3, "warmup": 200, "t_min": 0, "t_max": 1000,

@@ -59,3 +59,15 @@ def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str
     lines = ["  ".join(c.ljust(wd) for c, wd in zip(r, widths, strict=True)) for r in cells]
     lines.insert(1, "  ".join("-" * wd for wd in widths))
     return "\n".join(lines)
+
+
+def progress(iterable, **kwargs):
+    """A tqdm progress bar (it/s, ETA, postfix for loss terms); sparse when not on a terminal."""
+    import sys
+
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    kwargs.setdefault("mininterval", 0.5 if tty else 15.0)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kwargs)

@@ -52,8 +52,9 @@ def main(argv: list[str]) -> None:
         path = flags.FLAGS["config"].config_filename
         here = sorted(f for f in os.listdir("configs") if f.endswith(".py")) if os.path.isdir(
             "configs") else []
-        raise UserError(f"config file {path!r} could not be loaded ({str(e).splitlines()[-1].strip()}); "
-                        f"run from the repository root; configs here: {here}") from None
+        why = str(e).splitlines()[-1].strip()
+        raise UserError(f"config file {path!r} could not be loaded ({why}); run from the "
+                        f"repository root; configs here: {here}") from None
     if config is None:
         raise UserError("no config given; run e.g. python -m lmc_jax.main "
                         "--config=configs/testbed.py --workdir=runs/testbed")

@@ -14,7 +14,6 @@ import time
 import jax.numpy as jnp
 import ml_collections
 import optax
-from tqdm import tqdm
 
 from lmc_jax import io
 from lmc_jax.bias import train
@@ -31,8 +30,8 @@ EVAL_TIMESTEPS = list(range(50, 1000, 100))
 
 
 def build_module(cfg: ml_collections.ConfigDict) -> BiasNet:
-    return BiasNet(features=cfg.features, normalize=cfg.normalize, padding=cfg.padding,
-                   conditional=cfg.conditional)
+    return BiasNet(features=cfg.features, normalize=cfg.normalize, center=cfg.center,
+                   padding=cfg.padding, conditional=cfg.conditional)
 
 
 def train_bias(config: ml_collections.ConfigDict, workdir: str, prior=None, quiet=False):
@@ -58,14 +57,15 @@ def train_bias(config: ml_collections.ConfigDict, workdir: str, prior=None, quie
         state = restored[0]
         logging.info("resumed from step %d", int(state.step))
     step_fn = train.make_train_step(module, prior, opt, t_min=tc.t_min, t_max=tc.t_max,
-                                    antithetic=config.bias.antithetic)
+                                    antithetic=config.bias.antithetic,
+                                    loss_weight=config.bias.loss_weight)
     writer = MetricWriter(workdir)
     start_step = int(state.step)
     start = time.time()
     cfg_json = config.to_dict()
     with Preemption() as pre:
-        bar = tqdm(range(start_step, tc.steps), initial=start_step, total=tc.steps,
-                   desc="train b_psi", unit="step", dynamic_ncols=True, disable=quiet)
+        bar = io.progress(range(start_step, tc.steps), initial=start_step, total=tc.steps,
+                          desc="train b_psi", unit="step", disable=quiet)
         for i in bar:
             x, emb = source(i)
             new_state, metrics = step_fn(state, x, emb)

@@ -14,33 +14,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from tqdm import tqdm
 
-from lmc_jax import guidance, io
+from lmc_jax import io
 from lmc_jax.config import require_positive, require_prompt
 from lmc_jax.errors import UserError
-from lmc_jax.guidance import Conditioning, GuidanceParams
-from lmc_jax.priors.base import Prior
+from lmc_jax.guidance import Conditioning
+from lmc_jax.guidance.from_config import build_guidance, noise_for_step
 from lmc_jax.priors.factory import build_prior
-
-
-def guidance_params(prior: Prior, gcfg: ml_collections.ConfigDict) -> GuidanceParams:
-    """GuidanceParams from the `guidance` config section (resolves LMC's bias model)."""
-    bias_fn = None
-    if gcfg.method == "lmc":
-        if gcfg.bias == "exact":
-            if prior.bias_fn is None:
-                raise UserError(f"guidance.bias='exact' needs the Gaussian prior; prior "
-                                f"{prior.name!r} needs a trained b_psi (guidance.bias='learned', "
-                                "guidance.bias_path=DIR)")
-            bias_fn = prior.exact_bias
-        else:
-            raise UserError(f"guidance.bias={gcfg.bias!r} is not available yet; use 'exact'")
-    if gcfg.method not in guidance.METHODS:
-        raise UserError(f"unknown guidance.method {gcfg.method!r}; choose one of "
-                        f"{sorted(guidance.METHODS)}")
-    return GuidanceParams(w=float(gcfg.w), weighting=gcfg.weighting, bias_fn=bias_fn,
-                          nfsd_threshold=int(gcfg.nfsd_threshold))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -49,7 +29,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     require_positive(config.batch, "batch")
     prior = build_prior(config.prior)
     gcfg = config.guidance
-    hp = guidance_params(prior, gcfg)
+    fn, hp = build_guidance(prior, gcfg)
     n = config.batch
     cond = Conditioning(c=prior.embed_text([prompt] * n), u=prior.embed_text([""] * n),
                         neg=prior.embed_text([gcfg.negative_prompt] * n)
@@ -60,22 +40,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.init == "noise":
         images = 0.5 * jax.random.normal(k_init, images.shape)
     x = prior.encode(images)
-    fn = guidance.METHODS[gcfg.method]
     opt = optax.adam(config.lr)
     opt_state = opt.init(x)
 
     @jax.jit
     def step(x, opt_state, i):
-        t, eps = guidance.sample_noise(
-            k_noise, i, n, prior.x_shape, fixed_noise=gcfg.fixed_noise, t_min=gcfg.t_min,
-            t_max=gcfg.t_max, t_max_final=gcfg.t_max_final, anneal=gcfg.t_anneal,
-            total_steps=config.steps)
+        t, eps = noise_for_step(gcfg, k_noise, i, n, prior.x_shape, config.steps)
         out = fn(prior, x, t, eps, cond, hp)
         updates, opt_state = opt.update(out.grad, opt_state, x)
         return optax.apply_updates(x, updates), opt_state, out.scalars
 
     start = time.time()
-    bar = tqdm(range(config.steps), desc="synth", unit="step", dynamic_ncols=True)
+    bar = io.progress(range(config.steps), desc="synth", unit="step")
     scalars = {}
     for i in bar:
         x, opt_state, scalars = step(x, opt_state, jnp.asarray(i))

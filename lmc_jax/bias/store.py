@@ -20,7 +20,7 @@ from lmc_jax.bias.model import BiasNet, bias_fn_from
 from lmc_jax.errors import UserError
 from lmc_jax.priors.base import Prior
 
-MODULE_FIELDS = ("features", "normalize", "padding", "conditional")
+MODULE_FIELDS = ("features", "normalize", "center", "padding", "conditional")
 
 
 def prior_signature(prior: Prior) -> dict:
@@ -59,7 +59,7 @@ def load_bias(path: str, prior: Prior):
         raise UserError(f"b_psi at {path!r} was trained for prior {have['name']!r} and does not "
                         f"match prior {want['name']!r}: {'; '.join(problems)}; train one for this "
                         "prior with configs/bias.py")
-    module = BiasNet(**meta["module"])
+    module = BiasNet(**{k: v for k, v in meta["module"].items() if k in MODULE_FIELDS})
     x = jnp.zeros((1, *prior.x_shape))
     template = module.init(jax.random.PRNGKey(0), x, jnp.zeros((1,), jnp.int32),
                            prior.embed_text([""]))["params"]

@@ -62,17 +62,29 @@ def deficiency_target(prior: Prior, x: jax.Array, t: jax.Array, eps: jax.Array, 
 
 
 def make_train_step(module: BiasNet, prior: Prior, opt: optax.GradientTransformation, *,
-                    t_min: int = 0, t_max: int = 1000, antithetic: bool = False
+                    t_min: int = 0, t_max: int = 1000, antithetic: bool = False,
+                    loss_weight: str = "relative", rel_floor: float = 1e-3,
                     ) -> Callable[[BiasState, jax.Array, jax.Array], tuple[BiasState, dict]]:
     """Returns a jitted `step(state, x, emb) -> (state, metrics)`.
 
     `emb` is the denoiser conditioning used for the target and (for a conditional module) the
     module's input: the null prompt's embedding for `target='uncond'`.
+
+    loss_weight: 'uniform' is the plain squared error. 'relative' divides each sample's squared
+    error by the (stop-gradient) energy of its target's spatial variation,
+    `||x_hat - mean_hw(x_hat)||^2 + rel_floor * numel`: at large t the deficiency is a wide blur
+    whose variation is small, and the plain loss would ignore it; LMC needs b_psi accurate
+    relative to that variation at every t.
     """
 
     def loss_fn(params, x, t, emb, target):
         b = module.apply({"params": params}, x, t, emb if module.conditional else None)
-        return jnp.mean((b - target) ** 2)
+        err = jnp.sum(jnp.reshape((b - target) ** 2, (x.shape[0], -1)), axis=-1)
+        if loss_weight == "uniform":
+            return jnp.mean(err) / x[0].size
+        dev = target - jnp.mean(target, axis=(1, 2), keepdims=True)
+        energy = jnp.sum(jnp.reshape(dev**2, (x.shape[0], -1)), axis=-1) + rel_floor * x[0].size
+        return jnp.mean(err / jax.lax.stop_gradient(energy))
 
     @jax.jit
     def step(state: BiasState, x: jax.Array, emb: jax.Array) -> tuple[BiasState, dict]:

@@ -1,0 +1,252 @@
+"""Text-to-3D (configs/t23d.py): DreamFusion-style optimization of a Mip-NeRF field.
+
+One jitted train step:
+  cameras ~ random orbits; rays -> render (coarse-to-fine, random shading and background)
+  images [B, S, S, 3] in [-1, 1] -> x = prior.encode(resize(images, prior.image_shape))
+  grad_x = guidance(prior, x, t, eps, cond[view], hp)          (SDS, LMC-SDS, ...)
+  loss(params) = sum(sg(grad_x) * x) + lambda_o L_orient + lambda_a L_opacity
+  params <- Adam(grad loss)
+
+so `d loss / d params = (dx/dparams)^T grad_x + regularizer gradients` (the guidance gradient
+pulled back through the VAE encoder and the volume renderer by reverse-mode autodiff).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+
+from lmc_jax import io
+from lmc_jax.checkpoint import EXIT_PREEMPTED, Checkpointer, Preemption, all_finite
+from lmc_jax.config import require_positive, require_prompt
+from lmc_jax.errors import UserError
+from lmc_jax.guidance import Conditioning, surrogate_loss
+from lmc_jax.guidance.from_config import build_guidance, noise_for_step
+from lmc_jax.nerf import cameras, export, regularizers, shading
+from lmc_jax.nerf.field import MLPField
+from lmc_jax.nerf.renderer import render_rays
+from lmc_jax.priors.base import Prior
+from lmc_jax.priors.factory import build_prior
+from lmc_jax.writer import MetricWriter
+
+
+@struct.dataclass
+class T23DState:
+    step: jax.Array
+    params: Any  # {"field": ..., "background": ...}
+    opt_state: Any
+    key: jax.Array
+
+
+def build_field(cfg: ml_collections.ConfigDict) -> MLPField:
+    return MLPField(width=cfg.width, depth=cfg.depth, max_deg=cfg.max_deg,
+                    blob_density=cfg.blob_density, blob_radius=cfg.blob_radius)
+
+
+def validate(config: ml_collections.ConfigDict, prior: Prior) -> str:
+    prompt = require_prompt(config.prompt)
+    require_positive(config.steps, "steps")
+    require_positive(config.batch, "batch")
+    size, img = config.render.size, prior.image_shape[0]
+    if size < 8 or size > img or (prior.kind == "pixel" and img % size):
+        raise UserError(f"render.size={size} does not fit prior {prior.name!r} (image size "
+                        f"{img}): use a size between 8 and {img}"
+                        + (f" that divides {img}" if prior.kind == "pixel" else ""))
+    if config.render.prior_input != "encode":
+        raise UserError(f"render.prior_input={config.render.prior_input!r}; only 'encode' exists")
+    if config.shading.background not in ("random", "mlp"):
+        raise UserError(f"shading.background must be 'random' or 'mlp', got "
+                        f"{config.shading.background!r}")
+    return prompt
+
+
+def view_embeddings(prior: Prior, prompt: str, view_dependent: bool) -> jax.Array:
+    """[4, ...] embeddings of the prompt with each view suffix (front, side, back, overhead)."""
+    if not view_dependent:
+        return jnp.concatenate([prior.embed_text([prompt])] * len(cameras.VIEW_SUFFIXES))
+    return prior.embed_text([cameras.prompt_with_view(prompt, s) for s in cameras.VIEW_SUFFIXES])
+
+
+def to_prior_input(prior: Prior, images: jax.Array) -> jax.Array:
+    """Renders [B, S, S, 3] in [-1, 1] -> the prior's `x` (resize, then encode)."""
+    h, w, _ = prior.image_shape
+    if images.shape[1:3] != (h, w):
+        images = jax.image.resize(images, (images.shape[0], h, w, 3), "bilinear")
+    return prior.encode(images)
+
+
+def make_step(config, prior: Prior, field: MLPField, background, opt, emb_views, emb_null):
+    """The jitted train step `(state) -> (state, metrics)`."""
+    fn, hp = build_guidance(prior, config.guidance)
+    rc, cc, sc = config.render, config.camera, config.shading
+    b, size = config.batch, rc.size
+
+    def render_views(params, key, step):
+        k_cam, k_shade, k_light, k_bg, k_ray = jax.random.split(key, 5)
+        cams = cameras.sample_orbit_cameras(
+            k_cam, b, tuple(cc.elevation_range), tuple(cc.azimuth_range),
+            tuple(cc.distance_range), tuple(cc.fovy_range))
+        origins, directions, radii = cameras.generate_rays(cams["c2w"], cams["fovy"], size, size)
+        modes = shading.sample_shading_mode(k_shade, tuple(sc.probs), (b,))
+        light = shading.sample_light_position(k_light, cams["c2w"][:, :3, 3])
+        if sc.background == "mlp":
+            bg = background.apply(params["background"], directions)
+        else:
+            bg = jnp.broadcast_to(shading.random_solid_background(k_bg, (b,))[:, None, None],
+                                  directions.shape)
+        out = render_rays(field, params["field"], k_ray, origins, directions, radii,
+                          scene_radius=rc.scene_radius, num_coarse=rc.num_coarse,
+                          num_fine=rc.num_fine, randomized=True,
+                          shading_mode=modes[:, None, None],
+                          light_position=light[:, None, None, :], background=bg,
+                          ambient=sc.ambient, diffuse=sc.diffuse)
+        view = cameras.view_index(cams["elevation"], cams["azimuth"])
+        return out, directions, view
+
+    def loss_fn(params, key, step):
+        k_render, k_noise = jax.random.split(key)
+        out, directions, view = render_views(params, k_render, step)
+        images = out["rgb"] * 2.0 - 1.0
+        x = to_prior_input(prior, images)
+        t, eps = noise_for_step(config.guidance, k_noise, step, b, prior.x_shape, config.steps)
+        null = jnp.broadcast_to(emb_null, (b,) + emb_null.shape[1:])
+        cond = Conditioning(c=emb_views[view], u=null)
+        g = fn(prior, x, t, eps, cond, hp)
+        l_orient = regularizers.orientation_loss(out["weights"], out["normals"], directions)
+        l_opacity = regularizers.opacity_loss(out["acc"])
+        loss = (surrogate_loss(x, g.grad) + config.reg.orientation * l_orient
+                + config.reg.opacity * l_opacity)
+        metrics = {**g.scalars, "L_orient": l_orient, "L_opacity": l_opacity,
+                   "t_mean": jnp.mean(t.astype(jnp.float32))}
+        return loss, metrics
+
+    @jax.jit
+    def step_fn(state: T23DState):
+        key = jax.random.fold_in(state.key, state.step)
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, key, state.step)
+        updates, opt_state = opt.update(grads, state.opt_state, state.params)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                             opt_state=opt_state), metrics
+
+    return step_fn
+
+
+def render_orbit(field: MLPField, params, config, num: int, size: int, elevation: float = 15.0):
+    """Deterministic albedo-shaded views on a 360-degree orbit, uint8 [N, size, size, 3]."""
+    rc = config.render
+    cams = cameras.orbit_video_cameras(num, elevation=elevation,
+                                       distance=float(np.mean(config.camera.distance_range)),
+                                       fovy=float(np.mean(config.camera.fovy_range)))
+
+    @jax.jit
+    def one(c2w, fovy):
+        o, d, r = cameras.generate_rays(c2w[None], fovy[None], size, size)
+        out = render_rays(field, params["field"], None, o, d, r, scene_radius=rc.scene_radius,
+                          num_coarse=rc.num_coarse, num_fine=rc.num_fine, randomized=False,
+                          shading_mode=1, light_position=o, background=jnp.ones(3),
+                          compute_normals=True)
+        return out["rgb"][0]
+
+    frames = [np.asarray(one(cams["c2w"][i], cams["fovy"][i])) for i in range(num)]
+    return io.to_uint8(np.stack(frames), 0.0, 1.0)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    prior = build_prior(config.prior)
+    prompt = validate(config, prior)
+    os.makedirs(workdir, exist_ok=True)
+    field = build_field(config.field)
+    background = shading.BackgroundMLP()
+    key = jax.random.PRNGKey(config.seed)
+    k_field, k_bg, k_run = jax.random.split(key, 3)
+    zeros = jnp.zeros((1, 3))
+    params = {"field": field.init(k_field, zeros, zeros),
+              "background": background.init(k_bg, zeros)}
+    opt = optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adam(config.lr))
+    state = T23DState(step=jnp.asarray(0, jnp.int32), params=params,
+                      opt_state=opt.init(params), key=k_run)
+    ckpt = Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
+    restored = ckpt.restore_latest(state)
+    if restored is not None:
+        state = restored[0]
+        logging.info("resumed from step %d", int(state.step))
+    emb_views = view_embeddings(prior, prompt, config.view_dependent_prompt)
+    emb_null = prior.embed_text([""])
+    step_fn = make_step(config, prior, field, background, opt, emb_views, emb_null)
+    writer = MetricWriter(workdir)
+    cfg_json = config.to_dict()
+    start, start_step = time.time(), int(state.step)
+    last_good = start_step
+    metrics = {}
+    with Preemption() as pre:
+        bar = io.progress(range(start_step, config.steps), initial=start_step,
+                          total=config.steps, desc="text-to-3D", unit="step")
+        for i in bar:
+            new_state, metrics = step_fn(state)
+            done = i + 1
+            if done % config.log_every == 0 or done == config.steps:
+                if not all_finite(metrics):
+                    ckpt.close()
+                    raise UserError(f"non-finite loss or gradient at step {done} "
+                                    f"({ {k: float(v) for k, v in metrics.items()} }); kept the "
+                                    f"last good checkpoint (step {last_good}) in "
+                                    f"{ckpt.directory}; lower lr or guidance.w")
+                writer.write_scalars(done, metrics)
+                bar.set_postfix({k: f"{float(v):.3g}" for k, v in metrics.items()
+                                 if k.endswith("grad_norm") or k.startswith("L_")})
+            state = new_state
+            if done % config.output.grid_every == 0 or done == config.steps:
+                grid = io.grid([render_orbit(field, state.params, config, 4, config.render.size)])
+                io.save_png(os.path.join(workdir, f"grid_{done:06d}.png"), grid, scale=2)
+                writer.write_images(done, {"views": grid})
+            if ckpt.should_save(done, last=done == config.steps) or pre.requested:
+                if all_finite(state.params):
+                    ckpt.save(done, state, cfg_json)
+                    last_good = done
+            if pre.requested:
+                writer.close()
+                ckpt.close()
+                print(f"preempted: checkpoint {done} saved in {ckpt.directory}", file=sys.stderr)
+                sys.exit(EXIT_PREEMPTED)
+    train_seconds = time.time() - start
+    writer.close()
+    ckpt.close()
+    out = write_outputs(field, state.params, config, workdir)
+    result = {k: float(v) for k, v in metrics.items()}
+    result.update(out, train_seconds=train_seconds, steps=config.steps,
+                  seconds_per_step=train_seconds / max(config.steps - start_step, 1))
+    io.write_json(os.path.join(workdir, "metrics.json"), result)
+    print(io.format_table([[k, v] for k, v in result.items() if not isinstance(v, (str, list))],
+                          ["metric", "value"]))
+    return result
+
+
+def write_outputs(field: MLPField, params, config, workdir: str) -> dict:
+    """The 360-degree video and the mesh (OBJ and PLY with vertex colours)."""
+    oc = config.output
+    frames = render_orbit(field, params, config, oc.video_frames, oc.video_size)
+    video = export.write_video(os.path.join(workdir, "video.mp4"), frames, fps=oc.video_fps)
+    io.save_png(os.path.join(workdir, "views.png"), io.grid([frames[:: max(len(frames) // 6, 1)]]))
+    out = {"video": str(video), "mesh_vertices": 0, "mesh_faces": 0}
+    try:
+        mesh = export.extract_mesh(field, params["field"], resolution=oc.mesh_resolution,
+                                   bound=config.render.scene_radius, threshold=oc.mesh_threshold)
+    except ValueError as e:  # no density crosses the threshold
+        logging.warning("no surface at density %.3g (%s): no mesh written", oc.mesh_threshold, e)
+        return out
+    v, f, c = mesh["vertices"], mesh["faces"], mesh["colors"]
+    export.write_obj(os.path.join(workdir, "mesh.obj"), v, f, c)
+    export.write_ply(os.path.join(workdir, "mesh.ply"), v, f, c)
+    out.update(mesh_vertices=len(v), mesh_faces=len(f))
+    return out

@@ -46,7 +46,8 @@ def train_bias(config: ml_collections.ConfigDict, workdir: str, prior=None, quie
         raise UserError("bias.target='cond' needs bias.conditional=True")
     module = build_module(config.bias)
     tc = config.train
-    lr = optax.warmup_cosine_decay_schedule(0.0, tc.lr, min(tc.warmup, tc.steps), tc.steps,
+    warmup = min(tc.warmup, tc.steps // 2)
+    lr = optax.warmup_cosine_decay_schedule(0.0, tc.lr, warmup, max(tc.steps, warmup + 1),
                                             tc.lr * 1e-2)
     opt = optax.adam(lr)
     source = make_source(config.data, prior, tc.batch, config.seed, conditional, workdir)
@@ -95,9 +96,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     out = os.path.join(workdir, "bias")
     metrics = {"train_seconds": seconds, "param_count": param_count(params),
                "steps": config.train.steps}
-    if prior.bias_fn is not None:
+    if prior.bias_fn is not None:  # exact prior: compare with the closed-form b on fresh samples
         conditional = config.bias.target == "cond"
-        source = make_source(config.data.copy_and_resolve_references(), prior, 64,
+        data = config.data.copy_and_resolve_references()
+        data.source = "prior"
+        source = make_source(data, prior, 64,
                              config.seed + 12345, conditional, workdir)
         x, emb = source(0)
         if not conditional:

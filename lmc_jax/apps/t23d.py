@@ -242,7 +242,7 @@ def write_outputs(field: MLPField, params, config, workdir: str) -> dict:
     try:
         mesh = export.extract_mesh(field, params["field"], resolution=oc.mesh_resolution,
                                    bound=config.render.scene_radius, threshold=oc.mesh_threshold)
-    except ValueError as e:  # no density crosses the threshold
+    except (ValueError, UserError) as e:  # no density crosses the threshold
         logging.warning("no surface at density %.3g (%s): no mesh written", oc.mesh_threshold, e)
         return out
     v, f, c = mesh["vertices"], mesh["faces"], mesh["colors"]

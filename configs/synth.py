@@ -25,6 +25,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.steps = 500
     config.lr = 0.02
     config.init = "grey"  # grey | noise
+    config.optimizer = "adam"  # adam | sgd
+    config.seeds = 1  # > 1: one run per seed (seed, seed + 1, ...), rows of final.png
     config.log_every = 50
     if preset == "tiny":
         config.prior = prior_config("tiny_sd", resolution=64)

@@ -1,7 +1,7 @@
-"""Image synthesis by score distillation: optimize `x` (pixels or latents) toward a prompt.
+"""Image synthesis by score distillation (configs/synth.py): optimize `x` toward a prompt.
 
-The optimized variable is the prior's `x` directly; the guidance gradient is fed to optax as
-the gradient (`grad = guidance(x)`), as in DreamFusion's image-space experiments.
+With `guidance.fixed_noise`, each seed draws its noise once and keeps it; `seeds > 1` writes a
+grid over seeds that shows the diversity this gives.
 """
 
 from __future__ import annotations
@@ -13,13 +13,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from lmc_jax import io
+from lmc_jax.apps.optimize import make_optimizer, optimize_x
 from lmc_jax.config import require_positive, require_prompt
-from lmc_jax.errors import UserError
 from lmc_jax.guidance import Conditioning
-from lmc_jax.guidance.from_config import build_guidance, noise_for_step
+from lmc_jax.guidance.from_config import build_guidance
 from lmc_jax.priors.factory import build_prior
 
 
@@ -27,6 +26,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     prompt = require_prompt(config.prompt)
     require_positive(config.steps, "steps")
     require_positive(config.batch, "batch")
+    require_positive(config.seeds, "seeds")
     prior = build_prior(config.prior)
     gcfg = config.guidance
     fn, hp = build_guidance(prior, gcfg)
@@ -34,36 +34,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cond = Conditioning(c=prior.embed_text([prompt] * n), u=prior.embed_text([""] * n),
                         neg=prior.embed_text([gcfg.negative_prompt] * n)
                         if gcfg.method == "nfsd" else None)
-    key = jax.random.PRNGKey(config.seed)
-    k_init, k_noise = jax.random.split(key)
-    images = jnp.zeros((n, *prior.image_shape))
-    if config.init == "noise":
-        images = 0.5 * jax.random.normal(k_init, images.shape)
-    x = prior.encode(images)
-    opt = optax.adam(config.lr)
-    opt_state = opt.init(x)
-
-    @jax.jit
-    def step(x, opt_state, i):
-        t, eps = noise_for_step(gcfg, k_noise, i, n, prior.x_shape, config.steps)
-        out = fn(prior, x, t, eps, cond, hp)
-        updates, opt_state = opt.update(out.grad, opt_state, x)
-        return optax.apply_updates(x, updates), opt_state, out.scalars
-
     start = time.time()
-    bar = io.progress(range(config.steps), desc="synth", unit="step")
-    scalars = {}
-    for i in bar:
-        x, opt_state, scalars = step(x, opt_state, jnp.asarray(i))
-        if (i + 1) % config.log_every == 0 or i + 1 == config.steps:
-            if not all(np.isfinite(float(v)) for v in scalars.values()):
-                raise UserError(f"non-finite guidance at step {i}: {scalars}; lower the lr")
-            bar.set_postfix({k: f"{float(v):.3g}" for k, v in scalars.items()})
-    final = np.asarray(prior.decode(x))
+    finals, metrics = [], {}
+    for s in range(config.seeds):
+        k_init, k_noise = jax.random.split(jax.random.PRNGKey(config.seed + s))
+        images = jnp.zeros((n, *prior.image_shape))
+        if config.init == "noise":
+            images = 0.5 * jax.random.normal(k_init, images.shape)
+        x, _, metrics = optimize_x(
+            prior, prior.encode(images), cond, fn, hp, gcfg, steps=config.steps,
+            optimizer=make_optimizer(config.optimizer, config.lr), key=k_noise,
+            log_every=config.log_every, desc=f"synth seed {config.seed + s}")
+        finals.append(io.to_uint8(np.asarray(prior.decode(x))))
     os.makedirs(workdir, exist_ok=True)
-    io.save_png(os.path.join(workdir, "final.png"), io.grid([io.to_uint8(final)]), scale=4)
-    metrics = {k: float(v) for k, v in scalars.items()}
+    io.save_png(os.path.join(workdir, "final.png"), io.grid(finals), scale=4)
+    colours = np.concatenate(finals).astype(np.float32).mean(axis=(0, 1, 2)) / 127.5 - 1.0
     metrics.update(seconds=time.time() - start, steps=config.steps,
-                   mean_colour=[float(v) for v in final.mean(axis=(0, 1, 2))])
+                   mean_colour=[float(v) for v in colours])
     io.write_json(os.path.join(workdir, "metrics.json"), metrics)
     return metrics

@@ -1,0 +1,146 @@
+"""Image editing (configs/edit.py): one method, or every method side by side (`compare`).
+
+Metrics per method (metrics.json, printed as a table): `dist_to_source` (RMS change of the
+image, lower keeps more of the source), `colorfulness` (Hasler-Suesstrunk on the final image),
+`seconds_per_step`; on the Gaussian mixture also `target_acc` (fraction whose mean colour ends
+nearest the target class) and `saturation` (||mean colour|| / ||target class mean||).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from lmc_jax import io
+from lmc_jax.apps.optimize import make_optimizer, optimize_x
+from lmc_jax.config import require_positive, require_prompt
+from lmc_jax.errors import UserError
+from lmc_jax.guidance import Conditioning
+from lmc_jax.guidance.from_config import build_guidance
+from lmc_jax.priors.base import Prior
+from lmc_jax.priors.factory import build_prior
+
+
+def load_source_image(path: str, prior: Prior, source_prompt: str, key: jax.Array) -> jax.Array:
+    """The image to edit, [1, H, W, 3] in [-1, 1] at the prior's image size."""
+    h = prior.image_shape[0]
+    if not path:
+        if prior.bias_fn is None:
+            raise UserError("no image given; pass --config.image=PATH (png, jpg, webp, ...)")
+        from lmc_jax.priors import gaussian
+
+        label = int(np.argmax(np.asarray(prior.embed_text([source_prompt])[0])))
+        return gaussian.sample(prior.params, key, 1, jnp.array([label]))
+    if not os.path.exists(path):
+        raise UserError(f"image {path!r} does not exist; pass --config.image=PATH")
+    from lmc_jax.data.folder import load_image
+
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            size, mode = im.size, im.mode
+        pixels, converted = load_image(path, h)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path!r} is not an image this tool can read ({e}); use PNG or JPEG"
+                        ) from None
+    if converted:
+        print(f"note: converted {path} from {mode} to RGB")
+    if size != (h, h):
+        print(f"note: resized {path} from {size[0]}x{size[1]} to {h}x{h} (center crop)")
+    return jnp.asarray(pixels[None], jnp.float32) / 127.5 - 1.0
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    prompt = require_prompt(config.prompt)
+    require_positive(config.steps, "steps")
+    prior = build_prior(config.prior)
+    methods = list(config.methods) if config.compare else [config.guidance.method]
+    if any(m == "dds" for m in methods):
+        require_prompt(config.source_prompt, "source_prompt")
+    key = jax.random.PRNGKey(config.seed)
+    k_img, k_noise = jax.random.split(key)
+    source = load_source_image(config.image, prior, config.source_prompt, k_img)
+    x_src = prior.encode(source)
+    gcfg = config.guidance
+    cond = Conditioning(c=prior.embed_text([prompt]), u=prior.embed_text([""]),
+                        src=prior.embed_text([config.source_prompt or ""]),
+                        neg=prior.embed_text([gcfg.negative_prompt]), x_src=x_src)
+    snapshot_steps = tuple(sorted({int(round(v)) for v in
+                                   np.linspace(0, config.steps, config.snapshots)}))
+    os.makedirs(workdir, exist_ok=True)
+    rows, table, metrics = [], [], {}
+    for method in methods:
+        mcfg = gcfg.copy_and_resolve_references()
+        mcfg.method = method
+        if config.compare:
+            mcfg.w = config.w_by_method[method]
+        try:
+            fn, hp = build_guidance(prior, mcfg)
+        except UserError as e:
+            if not config.compare:
+                raise
+            logging.warning("skipping %s: %s", method, e)
+            continue
+        start = time.time()
+        x, snaps, scalars = optimize_x(
+            prior, x_src, cond, fn, hp, mcfg, steps=config.steps,
+            optimizer=make_optimizer(config.optimizer, config.lr), key=k_noise,
+            grad_scale=config.grad_scale, snapshot_steps=snapshot_steps,
+            log_every=config.log_every, desc=f"edit {method}")
+        m = image_metrics(np.asarray(prior.decode(x)), np.asarray(source), prior, prompt)
+        m["seconds_per_step"] = (time.time() - start) / config.steps
+        metrics[method] = {**m, **scalars}
+        rows.append((method, io.to_uint8(np.concatenate(snaps))))
+        table.append([method] + [m[k] for k in sorted(m)])
+    grid = labelled_grid(rows)
+    io.save_png(os.path.join(workdir, "compare.png" if config.compare else "edit.png"), grid,
+                scale=max(1, 256 // prior.image_shape[0]))
+    io.write_json(os.path.join(workdir, "metrics.json"), metrics)
+    if table:
+        print(io.format_table(table, ["method"] + sorted(metrics[methods[0]].keys() & set(
+            image_metrics_keys(prior)))))
+    return metrics
+
+
+def image_metrics_keys(prior: Prior) -> list[str]:
+    keys = ["colorfulness", "dist_to_source", "seconds_per_step"]
+    return sorted(keys + (["saturation", "target_acc"] if prior.bias_fn is not None else []))
+
+
+def image_metrics(final: np.ndarray, source: np.ndarray, prior: Prior, prompt: str) -> dict:
+    """Per-edit figures (see the module docstring)."""
+    from lmc_jax.metrics.color import colorfulness
+
+    out = {"dist_to_source": float(np.sqrt(np.mean((final - source) ** 2))),
+           "colorfulness": float(np.mean(colorfulness(np.clip(final, -1, 1))))}
+    if prior.bias_fn is not None:  # exact mixture: class of the mean colour
+        mus = np.asarray(prior.params["mu"])
+        target = int(np.argmax(np.asarray(prior.embed_text([prompt])[0])))
+        colour = final.mean(axis=(1, 2))
+        nearest = np.argmin(((colour[:, None] - mus[None]) ** 2).sum(-1), axis=1)
+        out["target_acc"] = float(np.mean(nearest == target))
+        out["saturation"] = float(np.mean(np.linalg.norm(colour, axis=-1))
+                                  / max(np.linalg.norm(mus[target]), 1e-8))
+    return out
+
+
+def labelled_grid(rows: list[tuple[str, np.ndarray]]) -> np.ndarray:
+    """Rows of uint8 images with the row's name written in a left margin."""
+    from PIL import Image, ImageDraw
+
+    body = io.grid([imgs for _, imgs in rows])
+    h = rows[0][1].shape[1]
+    margin = 48
+    canvas = Image.new("RGB", (body.shape[1] + margin, body.shape[0]), (255, 255, 255))
+    canvas.paste(Image.fromarray(body), (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, (name, _) in enumerate(rows):
+        draw.text((4, 2 + i * (h + 2) + h // 2 - 5), name.upper(), fill=(0, 0, 0))
+    return np.asarray(canvas)

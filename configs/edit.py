@@ -42,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.w_by_method = ml_collections.ConfigDict({"sds": 99.0, "lmc": 7.5, "dds": 7.5,
                                                "nfsd": 7.5, "csd": 7.5})
     c.snapshots = 5
+    c.clip_path = ""  # a FlaxCLIPModel folder or hub id for CLIP scores (else "unavailable")
     c.log_every = 50
     if base == "tiny":
         c.prior = prior_config("tiny_sd", resolution=64)

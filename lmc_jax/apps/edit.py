@@ -75,7 +75,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     snapshot_steps = tuple(sorted({int(round(v)) for v in
                                    np.linspace(0, config.steps, config.snapshots)}))
     os.makedirs(workdir, exist_ok=True)
-    rows, table, metrics = [], [], {}
+    rows, table, metrics, finals = [], [], {}, {}
     for method in methods:
         mcfg = gcfg.copy_and_resolve_references()
         mcfg.method = method
@@ -98,7 +98,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         m["seconds_per_step"] = (time.time() - start) / config.steps
         metrics[method] = {**m, **scalars}
         rows.append((method, io.to_uint8(np.concatenate(snaps))))
+        finals[method] = np.asarray(prior.decode(x))
         table.append([method] + [m[k] for k in sorted(m)])
+    _add_clip_scores(config.clip_path, metrics, finals, prompt)
     grid = labelled_grid(rows)
     io.save_png(os.path.join(workdir, "compare.png" if config.compare else "edit.png"), grid,
                 scale=max(1, 256 // prior.image_shape[0]))
@@ -107,6 +109,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(io.format_table(table, ["method"] + sorted(metrics[methods[0]].keys() & set(
             image_metrics_keys(prior)))))
     return metrics
+
+
+def _add_clip_scores(clip_path: str, metrics: dict, finals: dict, prompt: str) -> None:
+    """CLIP score of each method's result, or 'unavailable: <reason>' (the run goes on)."""
+    from lmc_jax.metrics import Unavailable, clip_score, load_clip
+
+    model = (load_clip(clip_path) if clip_path else
+             Unavailable("clip", "no metrics weights given (set --config.clip_path=DIR)"))
+    for method, images in finals.items():
+        if isinstance(model, Unavailable):
+            metrics[method]["clip_score"] = str(model)
+        elif images.shape[-1] == 3:
+            metrics[method]["clip_score"] = float(np.mean(clip_score(
+                model, np.clip(images, -1, 1), [prompt] * len(images))))
 
 
 def image_metrics_keys(prior: Prior) -> list[str]:

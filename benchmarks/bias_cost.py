@@ -24,31 +24,13 @@ if __name__ == "__main__":
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import time
-from collections.abc import Callable
 
+import _timing  # benchmarks/_timing.py (this script's folder is on sys.path)
 import jax
 import jax.numpy as jnp
 
-from lmc_jax import _runtime
 from lmc_jax.bias import BiasNet, param_count
-
-
-def _malloc_status() -> str:
-    if _runtime.fast_malloc_active():
-        return "active (re-executed with " + " ".join(
-            f"{k}={v}" for k, v in _runtime.FAST_MALLOC_ENV.items()) + ")"
-    inherited = all(os.environ.get(k) == v for k, v in _runtime.FAST_MALLOC_ENV.items())
-    return "active (inherited from the environment)" if inherited else "INACTIVE (glibc default)"
-
-
-def _time_ms(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    return 1e3 * (time.perf_counter() - t0)
 
 
 def run(batches: list[int], repeats: int, warmup: int, features: int) -> dict:
@@ -82,13 +64,10 @@ def run(batches: list[int], repeats: int, warmup: int, features: int) -> dict:
         x2, t2 = jnp.concatenate([x, x]), jnp.concatenate([t, t])
         unet = lambda: unet_call(prior, x2, t2, emb)  # noqa: B023 (used in this iteration)
         bias = lambda: bias_fwd_vjp(bias_params, x, t, cot)  # noqa: B023
-        for _ in range(warmup):  # compiles, then settles the allocator
-            _time_ms(unet)
-            _time_ms(bias)
-        tu, tb = [], []
-        for _ in range(repeats):
-            tu.append(_time_ms(unet))
-            tb.append(_time_ms(bias))
+        # warm-up compiles, then settles the allocator; then UNet, b_psi, UNet, ...
+        samples = _timing.alternate({"unet": (unet, _timing.block_jax),
+                                     "bias": (bias, _timing.block_jax)}, repeats, warmup)
+        tu, tb = samples["unet"], samples["bias"]
         mu, mb = statistics.median(tu), statistics.median(tb)
         rows.append({"batch": bsz, "unet_batch": 2 * bsz, "unet_eps_ms": mu,
                      "bias_fwd_vjp_ms": mb, "ratio": mb / mu,
@@ -96,9 +75,8 @@ def run(batches: list[int], repeats: int, warmup: int, features: int) -> dict:
                      "bias_fwd_vjp_ms_minmax": [min(tb), max(tb)]})
     unet_params = prior.params.get("unet") if isinstance(prior.params, dict) else None
     return {
-        "device": f"{jax.devices()[0].platform}: {platform.processor() or platform.machine()}, "
-                  f"{os.cpu_count()} cores",
-        "fast_malloc": _malloc_status(),
+        "device": f"{jax.devices()[0].platform}: {_timing.device_string()}",
+        "fast_malloc": _timing.malloc_status(),
         "x_shape": [h, w, c],
         "repeats": repeats,
         "bias_features": features,

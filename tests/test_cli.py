@@ -25,8 +25,8 @@ def _assert_one_clear_error(proc, *needles):
         assert needle in lines[-1], lines[-1]
 
 
-def test_testbed_quick_end_to_end(tmp_path):
-    proc = _main("--config=configs/testbed.py:quick", f"--workdir={tmp_path}")
+def test_testbed_exact_end_to_end(tmp_path):
+    proc = _main("--config=configs/testbed.py:exact", f"--workdir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     # SDS at w = 0 erases high frequencies; LMC-SDS with the exact b keeps them.

@@ -1,0 +1,521 @@
+"""Step time of SDS and LMC-SDS on the tiny SD-architecture UNet: JAX (jitted) vs PyTorch eager.
+
+One guidance step on 4x32x32 latents (HxWxC 32x32x4) at batch B is
+  - SDS:  one UNet call on the cond+uncond batch (2B latents), `grad = W (e_w - eps)`;
+  - LMC-SDS: the same UNet call, plus `b_psi(x, t)` forward and VJP (`BiasNet`, ~75k weights),
+    `grad = W w (e_c - e_u) + W (a/s) J_b^T (b - x_hat)`;
+followed by the update `x <- x - lr * grad`.
+
+- JAX: `lmc_jax.guidance.sds` / `lmc_sds` and the update inside one `jax.jit`; the prior and the
+  `b_psi` weights are arguments of the jitted step (not compiled-in constants).
+- PyTorch eager: diffusers' torch `UNet2DConditionModel` holding the SAME weights, converted from
+  the Flax parameters with diffusers' own converter
+  (`diffusers.models.modeling_pytorch_flax_utils.load_flax_weights_in_pytorch_model`, the
+  in-memory half of `load_flax_checkpoint_in_pytorch_model`), the same text embeddings, and a
+  line-by-line port of `BiasNet` with the same weights; `torch.set_num_threads(2)`.
+  Before timing, every process checks that the torch UNet's eps and both steps' gradients match
+  JAX (about 1e-4 relative: Flax's GEGLU uses tanh-GELU, DESIGN.md section 3).
+
+Protocol: `--processes` fresh worker processes run one after the other; each warms up, then
+times the four steps (JAX SDS, torch SDS, JAX LMC, torch LMC) alternately, in a random order
+per round, `--repeats` rounds per batch size. The table reports the median over processes of
+each process's median, with the range of the per-process medians; ratios are paired within each
+process (torch/JAX, LMC/SDS), then the median over processes is taken.
+
+Peak memory per step: `jax.devices()[0].memory_stats()` is None on CPU, so one more process
+measures the peak resident-set increase during one step (VmHWM after resetting it through
+/proc/self/clear_refs, minus VmRSS before the step), for both frameworks, with glibc set to
+return every freed block of 64 KiB or more to the OS (`MALLOC_MMAP_THRESHOLD_=65536`) so that
+RSS follows live memory (under the fast-malloc settings freed memory is kept and reused, and the
+increase in a warm process is ~0). For JAX it also records XLA's compiled memory analysis
+(temporaries + outputs of the step).
+
+    python benchmarks/step_time.py [--processes 3] [--repeats 20] [--batches 1 4] [--json out.json]
+
+The JAX side needs the CPU malloc settings of `lmc_jax._runtime`: the script re-executes itself
+once with them (glibc reads them only at process start) and the workers inherit them; the output
+says whether they are active. PyTorch runs in the same processes, so under the same allocator.
+Needs torch: `pip install -e ".[bench]"`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+if __name__ == "__main__":
+    from lmc_jax import _runtime
+
+    _runtime.maybe_reexec_with_fast_malloc(sys.argv)
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+import warnings
+from typing import Any
+
+import _timing  # benchmarks/_timing.py (this script's folder is on sys.path)
+import numpy as np
+
+from lmc_jax import _runtime
+
+FRAMEWORKS = ("jax", "torch")
+METHODS = ("sds", "lmc")
+GUIDANCE_W = 7.5  # the paper's w (value does not change the cost)
+WEIGHTING = "sigma2"
+LR = 0.01
+BIAS_FEATURES = 32
+BIAS_PADDING = "REFLECT"  # configs/bias.py's default for latents
+BIAS_EPS = 1e-4  # BiasNet.eps
+MEMORY_PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+# Targets (reported, not asserted).
+TARGET_JAX_SPEEDUP = {1: 1.2, 4: 1.0}  # torch/JAX at batch 1 and 4
+TARGET_LMC_OVER_SDS = 1.05
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The two implementations.
+
+
+class Setup:
+    """Both frameworks' models with the same weights, and the jitted JAX steps."""
+
+    def __init__(self, threads: int, seed: int = 0):
+        import jax
+        import jax.numpy as jnp
+        import torch
+        from flax.traverse_util import flatten_dict
+
+        from lmc_jax import _compat
+        from lmc_jax.bias import BiasNet
+        from lmc_jax.priors.sd import TINY_UNET, tiny_sd_prior
+
+        torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
+        self.prior = tiny_sd_prior(seed=seed, image_size=64)
+        h, w, c = self.prior.x_shape
+        self.x_shape = (h, w, c)
+
+        # b_psi: BiasNet with its init perturbed (conv_out starts at zero, which would make b the
+        # identity and the torch check vacuous; the cost is the same).
+        self.bias_module = BiasNet(features=BIAS_FEATURES, padding=BIAS_PADDING, eps=BIAS_EPS)
+        params = jax.jit(self.bias_module.init)(
+            jax.random.PRNGKey(seed), jnp.zeros((1, h, w, c)), jnp.zeros((1,), jnp.int32))
+        leaves, tree = jax.tree_util.tree_flatten(params["params"])
+        keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+        self.bias_params = jax.tree_util.tree_unflatten(tree, [
+            p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)])
+
+        # torch UNet with the Flax weights, through diffusers' own converter.
+        d = _compat.diffusers()
+        from diffusers.models.modeling_pytorch_flax_utils import (
+            load_flax_weights_in_pytorch_model,
+        )
+
+        unet = d.UNet2DConditionModel(sample_size=h, **TINY_UNET).eval()
+        with torch.no_grad():  # NaN first: a weight the converter missed cannot go unnoticed
+            for v in unet.state_dict().values():
+                if v.is_floating_point():
+                    v.fill_(float("nan"))
+        flax_unet = jax.tree_util.tree_map(lambda a: np.array(a, np.float32),
+                                           self.prior.params["unet"])
+        with warnings.catch_warnings():  # the converter's torch.from_numpy on read-only arrays
+            warnings.simplefilter("ignore", UserWarning)
+            unet = load_flax_weights_in_pytorch_model(unet, flax_unet).eval()
+        unset = [k for k, v in unet.state_dict().items()
+                 if v.is_floating_point() and bool(torch.isnan(v).any())]
+        if unset:
+            raise RuntimeError(f"the converter left {len(unset)} torch weights unset: {unset[:3]}")
+        n_flax = sum(np.size(a) for a in jax.tree_util.tree_leaves(flax_unet))
+        n_torch = sum(v.numel() for v in unet.state_dict().values() if v.is_floating_point())
+        if n_flax != n_torch:  # a Flax weight the converter dropped
+            raise RuntimeError(f"Flax UNet has {n_flax} weights, the torch UNet {n_torch}")
+        self.torch_unet = unet
+        self.torch_bias = TorchBiasNet(flatten_dict(self.bias_params, sep="/"),
+                                       BIAS_FEATURES, BIAS_PADDING, BIAS_EPS)
+        self.torch_abar = torch.from_numpy(np.array(self.prior.alphas_cumprod, np.float32))
+        self.unet_params = int(sum(np.size(p) for p in jax.tree_util.tree_leaves(
+            self.prior.params["unet"])))
+        self.bias_param_count = int(sum(np.size(p) for p in leaves))
+        self.jax_steps = {m: make_jax_step(m, self.bias_module) for m in METHODS}
+
+    def inputs(self, batch: int, seed: int = 0) -> dict[str, Any]:
+        """Latents, timesteps, noise and text embeddings for both frameworks (same values)."""
+        import jax.numpy as jnp
+        import torch
+
+        from lmc_jax.guidance import Conditioning
+
+        rng = np.random.default_rng([seed, batch])
+        x = rng.standard_normal((batch, *self.x_shape), np.float32)
+        eps = rng.standard_normal(x.shape, np.float32)
+        t = rng.integers(20, 980, size=(batch,)).astype(np.int32)
+        emb_c = np.asarray(self.prior.embed_text(["a photo of a cat"] * batch))
+        emb_u = np.asarray(self.prior.embed_text([""] * batch))
+        nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+        return {
+            "jax": dict(x=jnp.asarray(x), t=jnp.asarray(t), eps=jnp.asarray(eps),
+                        cond=Conditioning(c=jnp.asarray(emb_c), u=jnp.asarray(emb_u))),
+            "torch": dict(x=nchw(x), t=torch.from_numpy(t.astype(np.int64)), eps=nchw(eps),
+                          emb_c=torch.from_numpy(emb_c), emb_u=torch.from_numpy(emb_u)),
+        }
+
+    def step_fn(self, framework: str, method: str, inp: dict[str, Any]):
+        """A zero-argument callable running one step, and the matching `sync`."""
+        if framework == "jax":
+            step, a = self.jax_steps[method], inp["jax"]
+            args = (self.prior, self.bias_params, a["x"], a["t"], a["eps"], a["cond"])
+            return (lambda: step(*args)), _timing.block_jax
+        a = inp["torch"]
+        return (lambda: self.torch_step(method, **a)), _timing.no_sync
+
+    def torch_step(self, method: str, x, t, eps, emb_c, emb_u):
+        """The PyTorch eager step (NCHW), the same arithmetic as lmc_jax.guidance."""
+        import torch
+
+        with torch.no_grad():
+            abar = self.torch_abar[t].view(-1, 1, 1, 1)
+            a, s = abar.sqrt(), (1.0 - abar).sqrt()
+            x_t = a * x + s * eps
+            e = self.torch_unet(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                torch.cat([emb_c, emb_u])).sample
+            e_c, e_u = e.chunk(2)
+            wt = s * s  # W(t) = s_t^2 ('sigma2')
+            grad = wt * GUIDANCE_W * (e_c - e_u)
+            if method == "sds":
+                grad = grad + wt * (e_c - eps)
+            else:
+                x_hat = (x_t - s * e_c) / a
+                with torch.enable_grad():
+                    xr = x.detach().requires_grad_(True)
+                    b = self.torch_bias(xr, t)
+                    (g_lmc,) = torch.autograd.grad(b, xr, (wt * a / s) * (b.detach() - x_hat))
+                grad = grad + g_lmc
+            return x - LR * grad
+
+
+def make_jax_step(method: str, bias_module: Any):
+    """`step(prior, bias_params, x, t, eps, cond) -> (x - lr grad, scalars)`, jitted."""
+    import jax
+
+    from lmc_jax.bias import bias_fn_from
+    from lmc_jax.guidance import GuidanceParams, lmc_sds, sds
+
+    fn = {"sds": sds, "lmc": lmc_sds}[method]
+
+    @jax.jit
+    def step(prior, bias_params, x, t, eps, cond):
+        bias_fn = bias_fn_from(bias_module, bias_params) if method == "lmc" else None
+        hp = GuidanceParams(w=GUIDANCE_W, weighting=WEIGHTING, bias_fn=bias_fn)
+        out = fn(prior, x, t, eps, cond, hp)
+        return x - LR * out.grad, out.scalars
+
+    return step
+
+
+class TorchBiasNet:
+    """`lmc_jax.bias.BiasNet(normalize=True, center=True, conditional=False)` in PyTorch, NCHW,
+    with the Flax weights (a flat {'conv_in/Conv_0/kernel': array, ...} dict)."""
+
+    def __init__(self, flat_params: dict[str, Any], features: int, padding: str, eps: float):
+        import torch
+
+        self.f, self.eps = features, eps
+        self.pad_mode = {"REFLECT": "reflect", "CIRCULAR": "circular", "SAME": "constant"}[padding]
+        self.p = {}
+        for k, v in flat_params.items():
+            v = np.array(v, np.float32)
+            if k.endswith("kernel"):  # conv HWIO -> OIHW; dense [in, out] -> [out, in]
+                v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T
+            self.p[k] = torch.from_numpy(np.ascontiguousarray(v))
+
+    def _conv(self, name: str, h):
+        import torch.nn.functional as F
+
+        h = F.pad(h, (1, 1, 1, 1), mode=self.pad_mode)
+        return F.conv2d(h, self.p[f"{name}/kernel"], self.p[f"{name}/bias"])
+
+    def _dense(self, name: str, h):
+        import torch.nn.functional as F
+
+        return F.linear(h, self.p[f"{name}/kernel"], self.p[f"{name}/bias"])
+
+    def _block(self, name: str, h, e):
+        import torch.nn.functional as F
+
+        h = self._conv(f"{name}/Conv3x3_0/Conv_0", h)
+        h = F.group_norm(h, math.gcd(8, h.shape[1]), self.p[f"{name}/GroupNorm_0/scale"],
+                         self.p[f"{name}/GroupNorm_0/bias"], eps=1e-5)
+        gamma, beta = self._dense(f"{name}/Dense_0", F.silu(e))[:, :, None, None].chunk(2, dim=1)
+        return F.silu(h * (1.0 + gamma) + beta)
+
+    def _global(self, name: str, h):
+        return h + self._dense(f"{name}/Dense_0", h.mean(dim=(2, 3)))[:, :, None, None]
+
+    def __call__(self, x, t):
+        import torch
+        import torch.nn.functional as F
+
+        half = self.f // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+        args = t.float()[:, None] * freqs[None, :]
+        e = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        e = self._dense("time_mlp1", F.silu(self._dense("time_mlp0", e)))
+        mu = x.mean(dim=(2, 3), keepdim=True)
+        sd = (x.var(dim=(2, 3), unbiased=False, keepdim=True) + self.eps**2).sqrt()
+        h = self._conv("conv_in/Conv_0", (x - mu) / sd)
+        s0 = self._block("enc0", h, e)
+        s1 = self._block("enc1", F.avg_pool2d(s0, 2), e)
+        h = self._global("global_mid", self._block("mid0", F.avg_pool2d(s1, 2), e))
+        h = self._block("mid1", h, e)
+        h = self._block("dec1", F.interpolate(h, scale_factor=2, mode="nearest") + s1, e)
+        h = self._block("dec0", F.interpolate(h, scale_factor=2, mode="nearest") + s0, e)
+        r = self._conv("conv_out/Conv_0", self._global("global_out", h))
+        return x + sd * r
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
+
+
+def check_equivalence(setup: Setup, batch: int) -> dict[str, float]:
+    """Relative differences torch vs JAX: UNet eps, b_psi, and each step's gradient."""
+    import torch
+
+    inp = setup.inputs(batch, seed=123)
+    j, tt = inp["jax"], inp["torch"]
+    to_nhwc = lambda v: v.detach().numpy().transpose(0, 2, 3, 1)
+    x2 = np.concatenate([np.asarray(j["x"])] * 2)
+    t2 = np.concatenate([np.asarray(j["t"])] * 2)
+    emb = np.concatenate([np.asarray(j["cond"].c), np.asarray(j["cond"].u)])
+    e_jax = np.asarray(setup.prior.eps(x2, t2, emb))
+    with torch.no_grad():
+        e_torch = to_nhwc(setup.torch_unet(
+            torch.from_numpy(np.ascontiguousarray(x2.transpose(0, 3, 1, 2))),
+            torch.from_numpy(t2.astype(np.int64)), torch.from_numpy(emb)).sample)
+        b_torch = to_nhwc(setup.torch_bias(tt["x"], tt["t"]))
+    from lmc_jax.bias import bias_fn_from
+
+    b_jax = np.asarray(bias_fn_from(setup.bias_module, setup.bias_params)(j["x"], j["t"]))
+    out = {"unet_eps": _rel(e_jax, e_torch), "b_psi": _rel(b_jax, b_torch)}
+    x0 = np.asarray(j["x"])
+    for m in METHODS:
+        xj = np.asarray(setup.step_fn("jax", m, inp)[0]()[0])
+        xt = to_nhwc(setup.step_fn("torch", m, inp)[0]())
+        out[f"{m}_grad"] = _rel((x0 - xj) / LR, (x0 - xt) / LR)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker processes.
+
+
+def run_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """One timing process: checks, warm-up, alternating timings per batch size."""
+    import jax
+    import torch
+
+    t0 = time.perf_counter()
+    setup = Setup(args.threads)
+    check = check_equivalence(setup, args.batches[0])  # a batch size timed anyway
+    _log(f"  setup {time.perf_counter() - t0:.1f} s; torch vs JAX relative difference: "
+         + ", ".join(f"{k} {v:.2e}" for k, v in check.items()))
+    rows = []
+    for bsz in args.batches:
+        inp = setup.inputs(bsz)
+        fns = {f"{fw}/{m}": setup.step_fn(fw, m, inp) for m in METHODS for fw in FRAMEWORKS}
+        samples = _timing.alternate(fns, args.repeats, args.warmup, shuffle=True, gap_s=args.gap)
+        for name, s in samples.items():
+            fw, m = name.split("/")
+            rows.append({"framework": fw, "method": m, "batch": bsz, **_timing.summary(s),
+                         "samples": [round(v, 3) for v in s]})
+        meds = {r["framework"] + "/" + r["method"]: r["median"] for r in rows if r["batch"] == bsz}
+        _log(f"  B={bsz}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in meds.items()))
+    return {
+        "jax": jax.__version__, "torch": torch.__version__,
+        "device": f"{jax.devices()[0].platform}: {_timing.device_string()}",
+        "fast_malloc": _timing.malloc_status(), "torch_threads": setup.threads,
+        "unet_params": setup.unet_params, "bias_params": setup.bias_param_count,
+        "x_shape": list(setup.x_shape), "check": check, "rows": rows,
+        "vm_hwm_mib": _timing.peak_rss_mib(), "seconds": time.perf_counter() - t0,
+    }
+
+
+def run_memory_probe(args: argparse.Namespace) -> dict[str, Any]:
+    """Peak RSS increase during one warm step, per framework, method, batch (see module doc)."""
+    setup = Setup(args.threads)
+    rows = []
+    for bsz in args.batches:
+        inp = setup.inputs(bsz)
+        for m in METHODS:
+            for fw in FRAMEWORKS:
+                fn, sync = setup.step_fn(fw, m, inp)
+                for _ in range(2):
+                    sync(fn())
+                deltas = [_timing.peak_rss_delta_mib(fn, sync) for _ in range(5)]
+                row = {"framework": fw, "method": m, "batch": bsz,
+                       "peak_rss_delta_mib": None if None in deltas else max(deltas)}
+                if fw == "jax":
+                    a = inp["jax"]
+                    ma = setup.jax_steps[m].lower(setup.prior, setup.bias_params, a["x"], a["t"],
+                                                  a["eps"], a["cond"]).compile().memory_analysis()
+                    if ma is not None:
+                        row["xla_temp_mib"] = ma.temp_size_in_bytes / 2**20
+                        row["xla_output_mib"] = ma.output_size_in_bytes / 2**20
+                rows.append(row)
+    return {"rows": rows, "allocator": " ".join(f"{k}={v}" for k, v in MEMORY_PROBE_ENV.items()),
+            "vm_hwm_mib": _timing.peak_rss_mib()}
+
+
+def _spawn(mode: str, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out.json")
+        cmd = [sys.executable, os.path.abspath(__file__), f"--{mode}", out,
+               "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+               "--threads", str(args.threads), "--gap", str(args.gap),
+               "--batches", *map(str, args.batches)]
+        subprocess.run(cmd, env=env, check=True)
+        with open(out) as f:
+            return json.load(f)
+
+
+# ----------------------------------------------------------------------------------------------
+# Aggregation and report.
+
+
+def aggregate(workers: list[dict[str, Any]], memory: dict[str, Any] | None) -> list[dict]:
+    """One row per (framework, method, batch): medians over processes and paired ratios."""
+    per: dict[tuple[str, str, int], list[float]] = {}
+    for w in workers:
+        for r in w["rows"]:
+            per.setdefault((r["framework"], r["method"], r["batch"]), []).append(r["median"])
+    mem = {(r["framework"], r["method"], r["batch"]): r for r in (memory or {}).get("rows", [])}
+    rows = []
+    for (fw, m, b), meds in per.items():
+        jax_meds = per[("jax", m, b)]
+        sds_meds = per[(fw, "sds", b)]
+        row = {
+            "framework": fw, "method": m, "batch": b,
+            "median_ms": statistics.median(meds), "process_medians_ms": meds,
+            # paired within each process, then the median over processes
+            "torch_over_jax": statistics.median(
+                t / j for t, j in zip(per[("torch", m, b)], jax_meds, strict=True)),
+            "over_sds": statistics.median(v / s for v, s in zip(meds, sds_meds, strict=True)),
+        }
+        if (fw, m, b) in mem:
+            row.update({k: v for k, v in mem[(fw, m, b)].items()
+                        if k not in ("framework", "method", "batch")})
+        rows.append(row)
+    rows.sort(key=lambda r: (r["batch"], METHODS.index(r["method"]), r["framework"]))
+    return rows
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def report(res: dict[str, Any]) -> None:
+    w0 = res["workers"][0]
+    print(f"device: {w0['device']}; jax {w0['jax']}, torch {w0['torch']} "
+          f"({w0['torch_threads']} threads)")
+    print(f"CPU malloc settings (JAX and torch, timing processes): {w0['fast_malloc']}")
+    print(f"load average before/after: {res['load_before']} / {res['load_after']}")
+    print(f"tiny SD UNet {w0['unet_params']:,} weights; b_psi BiasNet(features={BIAS_FEATURES}) "
+          f"{w0['bias_params']:,} weights; latents {'x'.join(map(str, w0['x_shape']))} (HxWxC)")
+    checks = {k: max(w["check"][k] for w in res["workers"]) for k in w0["check"]}
+    print("torch vs JAX, relative difference (max over processes): "
+          + ", ".join(f"{k} {v:.2e}" for k, v in checks.items()))
+    print(f"{len(res['workers'])} processes x {res['repeats']} alternating repeats per step; "
+          "median of per-process medians [range]; ratios paired per process")
+    mem_note = "peak RSS delta" if res.get("memory") else ""
+    print()
+    head = (f"{'framework':<9} | {'method':<6} | {'B':>2} | {'median ms':>9} | "
+            f"{'range ms':>13} | {'torch/JAX':>9} | {'vs SDS':>6} | {'peak MiB':>8} | "
+            f"{'XLA tmp MiB':>11}")
+    print(head)
+    print("-" * len(head))
+    for r in res["rows"]:
+        lo, hi = min(r["process_medians_ms"]), max(r["process_medians_ms"])
+        print(f"{r['framework']:<9} | {r['method']:<6} | {r['batch']:>2} | {r['median_ms']:>9.1f} |"
+              f" {f'{lo:.1f}-{hi:.1f}':>13} | {r['torch_over_jax']:>9.2f} | "
+              f"{r['over_sds']:>6.3f} | {_fmt(r.get('peak_rss_delta_mib'), '8.1f'):>8} | "
+              f"{_fmt(r.get('xla_temp_mib'), '11.2f'):>11}")
+    if mem_note:
+        print(f"\npeak MiB: peak RSS increase during one warm step (VmHWM - VmRSS), measured in a "
+              f"separate process with {res['memory']['allocator']}; XLA tmp: the compiled "
+              "step's temporaries (memory_analysis).")
+    print("\ntargets (reported, not asserted):")
+    for r in res["rows"]:
+        if r["framework"] == "jax" and r["method"] == "sds" and r["batch"] in TARGET_JAX_SPEEDUP:
+            want = TARGET_JAX_SPEEDUP[r["batch"]]
+            print(f"  JAX SDS speed-up over torch eager at B={r['batch']}: "
+                  f"{r['torch_over_jax']:.2f}x (target >= {want}x): "
+                  f"{'met' if r['torch_over_jax'] >= want else 'NOT met'}")
+    for r in res["rows"]:
+        if r["framework"] == "jax" and r["method"] == "lmc":
+            print(f"  JAX LMC/SDS step at B={r['batch']}: {r['over_sds']:.3f} (target <= "
+                  f"{TARGET_LMC_OVER_SDS}): "
+                  f"{'met' if r['over_sds'] <= TARGET_LMC_OVER_SDS else 'NOT met'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--processes", type=int, default=3, help="timing processes, in turn")
+    parser.add_argument("--repeats", type=int, default=20, help="timed rounds per batch size")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds (incl. compile)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--gap", type=float, default=0.005, help="seconds between timed calls")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory probe")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker or args.memory_probe:
+        res = run_worker(args) if args.worker else run_memory_probe(args)
+        with open(args.worker or args.memory_probe, "w") as f:
+            json.dump(res, f)
+        return
+
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        sys.exit('error: this benchmark needs PyTorch: pip install -e ".[bench]" '
+                 "(torch==2.13.0, the CPU wheel)")
+    if not _timing.fast_malloc_on():
+        _log("warning: the CPU malloc settings are not active (LMC_JAX_NO_REEXEC=1?); JAX "
+             "numbers will be slower than with them")
+    res: dict[str, Any] = {"repeats": args.repeats, "warmup": args.warmup,
+                           "batches": args.batches, "load_before": _timing.load_average()}
+    workers = []
+    for i in range(args.processes):
+        _log(f"timing process {i + 1}/{args.processes} (load {_timing.load_average()})")
+        workers.append(_spawn("worker", args, dict(os.environ)))
+    memory = None
+    if not args.no_memory:
+        _log("memory probe process")
+        env = {k: v for k, v in os.environ.items()
+               if k not in _runtime.FAST_MALLOC_ENV and k != _runtime._REEXEC_MARK}
+        env.update(MEMORY_PROBE_ENV, LMC_JAX_NO_REEXEC="1")
+        memory = _spawn("memory-probe", args, env)
+    res.update(load_after=_timing.load_average(), workers=workers, memory=memory,
+               rows=aggregate(workers, memory))
+    report(res)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

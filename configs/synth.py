@@ -28,6 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer = "adam"  # adam | sgd
     config.seeds = 1  # > 1: one run per seed (seed, seed + 1, ...), rows of final.png
     config.log_every = 50
+    config.parallel = ml_collections.ConfigDict({"model_axis": 1})  # >1: split the prior
     if preset == "tiny":
         config.prior = prior_config("tiny_sd", resolution=64)
         config.steps = 20

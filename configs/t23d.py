@@ -64,6 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 1000
     c.keep_checkpoints = 2
+    c.parallel = ml_collections.ConfigDict({"model_axis": 1})  # >1: split the prior
     if preset in ("tiny", "mixture"):
         c.steps = 300
         c.render.size = 32

@@ -3,7 +3,8 @@
 Override any config key with `--config.key=value` (e.g. `--config.guidance.w=7.5`). The
 config's `app` key names the module in `lmc_jax.apps` that runs it. Bad input (an unknown key,
 an empty prompt, a missing weights folder, ...) ends the run with one `error:` line and exit
-status 2.
+status 2. A preempted run (SIGTERM/SIGINT) saves a checkpoint and exits with status 143
+(`lmc_jax.checkpoint.EXIT_PREEMPTED`); the same command resumes it.
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
         module = importlib.import_module(f"lmc_jax.apps.{config.app}")
     except ModuleNotFoundError as e:
         raise UserError(f"config names app {config.app!r}, which lmc_jax.apps does not have") from e
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2) + "\n")
+    from lmc_jax import parallel
+
+    if parallel.is_main_process():
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2) + "\n")
     return module.run(config, workdir)
 
 
@@ -58,6 +62,9 @@ def main(argv: list[str]) -> None:
     if config is None:
         raise UserError("no config given; run e.g. python -m lmc_jax.main "
                         "--config=configs/testbed.py --workdir=runs/testbed")
+    from lmc_jax import parallel
+
+    parallel.maybe_initialize_distributed()  # multi-host jobs only; before any computation
     stamp = time.strftime("%Y%m%d-%H%M%S")
     workdir = _WORKDIR.value or os.path.join("runs", f"{config.app}-{stamp}")
     logging.info("config:\n%s", config)

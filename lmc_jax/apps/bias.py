@@ -1,25 +1,33 @@
 """Trains `b_psi` for a prior (configs/bias.py) and writes it to WORKDIR/bias.
 
-Resumes from WORKDIR/checkpoints; SIGTERM/SIGINT save and exit with EXIT_PREEMPTED; a
-non-finite loss stops the run and keeps the last good checkpoint.
+Parallelism: each batch of images (`train.batch`, a multiple of the mesh's `data` axis) is
+split over `data`; b_psi's params and optimizer state are replicated; the frozen prior's large
+arrays split over `model` with `parallel.model_axis > 1` (lmc_jax.parallel).
+
+Survival: resumes from WORKDIR/checkpoints, bit-identical to an uninterrupted run (the batch is
+a function of `(seed, step)`, the step's noise of `fold_in(key, step)`); a resume that changes
+the architecture (`FIXED_KEYS`) is refused. SIGTERM/SIGINT save a checkpoint and exit with
+status 143 (`EXIT_PREEMPTED`): run the same command again to continue. A non-finite loss or
+state stops the run with an error and keeps the last good checkpoint. Only process 0 writes
+outputs.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from lmc_jax import io
+from lmc_jax import io, parallel
 from lmc_jax.bias import train
 from lmc_jax.bias.model import BiasNet, bias_fn_from, param_count
 from lmc_jax.bias.store import save_bias
-from lmc_jax.checkpoint import EXIT_PREEMPTED, Checkpointer, Preemption, all_finite
+from lmc_jax.checkpoint import Checkpointer, Preemption, TrainGuard
 from lmc_jax.config import require_positive
 from lmc_jax.data.sources import make_source
 from lmc_jax.errors import UserError
@@ -27,6 +35,9 @@ from lmc_jax.priors.factory import build_prior
 from lmc_jax.writer import MetricWriter
 
 EVAL_TIMESTEPS = list(range(50, 1000, 100))
+# Config keys that fix the architecture and shapes of the checkpointed b_psi.
+FIXED_KEYS = ("bias.features", "bias.conditional", "bias.normalize", "bias.center",
+              "bias.padding", "prior.name", "prior.resolution")
 
 
 def build_module(cfg: ml_collections.ConfigDict) -> BiasNet:
@@ -34,12 +45,44 @@ def build_module(cfg: ml_collections.ConfigDict) -> BiasNet:
                    padding=cfg.padding, conditional=cfg.conditional)
 
 
-def train_bias(config: ml_collections.ConfigDict, workdir: str, prior=None, quiet=False):
-    """Trains (or resumes) b_psi; returns `(module, params, prior, seconds)`."""
+def make_step(module: BiasNet, prior, opt, config: ml_collections.ConfigDict,
+              mesh: jax.sharding.Mesh):
+    """`step(state, x, emb) -> (state, metrics)` on `mesh`: `x`, `emb` split over `data`,
+    the state replicated, the prior's params an argument of the compiled step (placed once)."""
+    tc = config.train
+
+    def step(state, prior_params, x, emb):
+        inner = train.make_train_step(module, prior.replace(params=prior_params), opt,
+                                      t_min=tc.t_min, t_max=tc.t_max,
+                                      antithetic=config.bias.antithetic,
+                                      loss_weight=config.bias.loss_weight)
+        x, emb = parallel.constrain_batch((x, emb), mesh)
+        return inner(state, x, emb)
+
+    prior_params = parallel.shard_params(prior.params, mesh)
+    rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    jitted = jax.jit(step, in_shardings=(rep, parallel.sharding_of(prior_params), data, data),
+                     out_shardings=(rep, rep))
+
+    def step_fn(state, x, emb):
+        x, emb = parallel.shard_batch((x, emb), mesh)
+        return jitted(state, prior_params, x, emb)
+
+    return step_fn
+
+
+def train_bias(config: ml_collections.ConfigDict, workdir: str, prior=None, quiet=False,
+               mesh: jax.sharding.Mesh | None = None):
+    """Trains (or resumes) b_psi; returns `(module, params, prior, seconds)`.
+
+    Raises `lmc_jax.checkpoint.Preempted` (exit status 143) after saving on SIGTERM/SIGINT.
+    """
     require_positive(config.train.steps, "train.steps")
     require_positive(config.train.batch, "train.batch")
     if config.bias.target not in ("cond", "uncond"):
         raise UserError(f"bias.target must be 'cond' or 'uncond', got {config.bias.target!r}")
+    mesh = mesh if mesh is not None else parallel.mesh_from_config(config)
+    parallel.check_batch(config.train.batch, mesh, "train.batch")
     prior = prior or build_prior(config.prior)
     conditional = config.bias.target == "cond"
     if conditional and not config.bias.conditional:
@@ -50,48 +93,44 @@ def train_bias(config: ml_collections.ConfigDict, workdir: str, prior=None, quie
     lr = optax.warmup_cosine_decay_schedule(0.0, tc.lr, warmup, max(tc.steps, warmup + 1),
                                             tc.lr * 1e-2)
     opt = optax.adam(lr)
-    source = make_source(config.data, prior, tc.batch, config.seed, conditional, workdir)
-    state = train.init_state(module, prior, opt, config.seed, source(0)[1])
-    ckpt = Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
-    restored = ckpt.restore_latest(state)
-    if restored is not None:
-        state = restored[0]
-        logging.info("resumed from step %d", int(state.step))
-    step_fn = train.make_train_step(module, prior, opt, t_min=tc.t_min, t_max=tc.t_max,
-                                    antithetic=config.bias.antithetic,
-                                    loss_weight=config.bias.loss_weight)
-    writer = MetricWriter(workdir)
-    start_step = int(state.step)
-    start = time.time()
     cfg_json = config.to_dict()
-    with Preemption() as pre:
-        bar = io.progress(range(start_step, tc.steps), initial=start_step, total=tc.steps,
-                          desc="train b_psi", unit="step", disable=quiet)
-        for i in bar:
-            x, emb = source(i)
-            new_state, metrics = step_fn(state, x, emb)
-            if (i + 1) % config.log_every == 0 or i + 1 == tc.steps:
-                if not all_finite(metrics):
-                    ckpt.close()
-                    raise UserError(f"non-finite b_psi loss at step {i + 1} ({metrics}); the "
-                                    f"last good checkpoint in {ckpt.directory} is kept; lower "
-                                    "train.lr")
-                writer.write_scalars(i + 1, metrics)
-                bar.set_postfix(loss=f"{float(metrics['loss']):.4g}")
-            state = new_state
-            if ckpt.should_save(i + 1, last=i + 1 == tc.steps) or pre.requested:
-                ckpt.save(i + 1, state, cfg_json)
-            if pre.requested:
-                writer.close()
-                ckpt.close()
-                print(f"preempted: checkpoint {i + 1} saved in {ckpt.directory}", file=sys.stderr)
-                sys.exit(EXIT_PREEMPTED)
-    writer.close()
-    ckpt.close()
+    ckpt = Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
+    try:
+        ckpt.check_resume(cfg_json, FIXED_KEYS)
+        source = make_source(config.data, prior, tc.batch, config.seed, conditional, workdir)
+        state = parallel.replicate(
+            train.init_state(module, prior, opt, config.seed, source(0)[1]), mesh)
+        restored = ckpt.restore_latest(state, cfg_json, FIXED_KEYS)
+        if restored is not None:
+            state = restored[0]
+            logging.info("resumed from step %d", int(state.step))
+        step_fn = make_step(module, prior, opt, config, mesh)
+        start_step = int(state.step)
+        start = time.time()
+        writer = MetricWriter(workdir)
+        try:
+            with Preemption() as pre:
+                guard = TrainGuard(ckpt, pre, cfg_json, start_step, hint="lower train.lr")
+                bar = io.progress(range(start_step, tc.steps), initial=start_step,
+                                  total=tc.steps, desc="train b_psi", unit="step",
+                                  disable=quiet or not parallel.is_main_process())
+                for i in bar:
+                    x, emb = source(i)
+                    state, metrics = step_fn(state, x, emb)
+                    if (i + 1) % config.log_every == 0 or i + 1 == tc.steps:
+                        guard.check_metrics(i + 1, metrics)
+                        writer.write_scalars(i + 1, metrics)
+                        bar.set_postfix(loss=f"{float(metrics['loss']):.4g}")
+                    guard.end_of_step(i + 1, state, last=i + 1 == tc.steps)
+        finally:
+            writer.close()
+    finally:
+        ckpt.close()
     return module, state.params, prior, time.time() - start
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (or resumes) b_psi and saves it; exits with status 143 when preempted."""
     module, params, prior, seconds = train_bias(config, workdir)
     out = os.path.join(workdir, "bias")
     metrics = {"train_seconds": seconds, "param_count": param_count(params),
@@ -109,9 +148,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                           EVAL_TIMESTEPS)
         metrics["bias_rel_err"] = sum(per_t.values()) / len(per_t)
         metrics["bias_rel_err_per_t"] = {str(k): v for k, v in per_t.items()}
-    save_bias(out, module, params, prior, training=metrics)
-    io.write_json(os.path.join(workdir, "metrics.json"), metrics)
-    print(io.format_table([[k, v] for k, v in metrics.items() if not isinstance(v, dict)],
-                          ["metric", "value"]))
-    print(f"b_psi saved to {out}")
+    if parallel.is_main_process():
+        save_bias(out, module, params, prior, training=metrics)
+        io.write_json(os.path.join(workdir, "metrics.json"), metrics)
+        print(io.format_table([[k, v] for k, v in metrics.items() if not isinstance(v, dict)],
+                              ["metric", "value"]))
+        print(f"b_psi saved to {out}")
     return metrics

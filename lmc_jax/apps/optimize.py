@@ -42,10 +42,14 @@ def optimize_x(prior: Prior, x0: jax.Array, cond: Conditioning, fn: Callable,
     """
     n = x0.shape[0]
 
+    # The prior's params are an argument (placed by the caller, e.g. split over a mesh's
+    # 'model' axis), not constants baked into the compiled step (GBs for Stable Diffusion).
     @jax.jit
-    def step(x, opt_state, i):
-        t, eps = noise_for_step(gcfg, key, i, n, prior.x_shape, steps)
-        out = fn(prior, x, t, eps, cond, hp)
+    def step(x, opt_state, i, prior_params):
+        pr = prior.replace(params=prior_params)
+        hp_ = hp.replace(bias_fn=pr.exact_bias) if hp.bias_fn == prior.exact_bias else hp
+        t, eps = noise_for_step(gcfg, key, i, n, pr.x_shape, steps)
+        out = fn(pr, x, t, eps, cond, hp_)
         updates, opt_state = optimizer.update(grad_scale * out.grad, opt_state, x)
         return optax.apply_updates(x, updates), opt_state, out.scalars
 
@@ -54,7 +58,7 @@ def optimize_x(prior: Prior, x0: jax.Array, cond: Conditioning, fn: Callable,
     scalars: dict = {}
     bar = io.progress(range(steps), desc=desc, unit="step", disable=log_every <= 0)
     for i in bar:
-        x, opt_state, scalars = step(x, opt_state, jnp.asarray(i))
+        x, opt_state, scalars = step(x, opt_state, jnp.asarray(i), prior.params)
         if (log_every > 0 and (i + 1) % log_every == 0) or i + 1 == steps:
             values = {k: float(v) for k, v in scalars.items()}
             if not all(np.isfinite(v) for v in values.values()):

@@ -2,6 +2,11 @@
 
 With `guidance.fixed_noise`, each seed draws its noise once and keeps it; `seeds > 1` writes a
 grid over seeds that shows the diversity this gives.
+
+Parallelism: the `batch` images being optimized are split over the mesh's `data` axis (`batch`
+must be a multiple of it), the prior's large arrays over `model` with `parallel.model_axis > 1`
+(lmc_jax.parallel). Only process 0 writes files. The run is short and keeps no checkpoints:
+SIGTERM ends it (a re-run starts over).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lmc_jax import io
+from lmc_jax import io, parallel
 from lmc_jax.apps.optimize import make_optimizer, optimize_x
 from lmc_jax.config import require_positive, require_prompt
 from lmc_jax.guidance import Conditioning
@@ -28,9 +33,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     require_positive(config.batch, "batch")
     require_positive(config.seeds, "seeds")
     prior = build_prior(config.prior)
+    n = config.batch
+    mesh = parallel.mesh_from_config(config)
+    parallel.check_batch(n, mesh, "batch")
+    prior = prior.replace(params=parallel.shard_params(prior.params, mesh))
     gcfg = config.guidance
     fn, hp = build_guidance(prior, gcfg)
-    n = config.batch
     cond = Conditioning(c=prior.embed_text([prompt] * n), u=prior.embed_text([""] * n),
                         neg=prior.embed_text([gcfg.negative_prompt] * n)
                         if gcfg.method == "nfsd" else None)
@@ -41,15 +49,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         images = jnp.zeros((n, *prior.image_shape))
         if config.init == "noise":
             images = 0.5 * jax.random.normal(k_init, images.shape)
+        x0 = parallel.shard_batch(prior.encode(images), mesh)  # the images split over 'data'
         x, _, metrics = optimize_x(
-            prior, prior.encode(images), cond, fn, hp, gcfg, steps=config.steps,
+            prior, x0, cond, fn, hp, gcfg, steps=config.steps,
             optimizer=make_optimizer(config.optimizer, config.lr), key=k_noise,
             log_every=config.log_every, desc=f"synth seed {config.seed + s}")
-        finals.append(io.to_uint8(np.asarray(prior.decode(x))))
-    os.makedirs(workdir, exist_ok=True)
-    io.save_png(os.path.join(workdir, "final.png"), io.grid(finals), scale=4)
+        finals.append(io.to_uint8(np.asarray(prior.decode(parallel.to_host(x)))))
+    main = parallel.is_main_process()
+    if main:
+        os.makedirs(workdir, exist_ok=True)
+        io.save_png(os.path.join(workdir, "final.png"), io.grid(finals), scale=4)
     colours = np.concatenate(finals).astype(np.float32).mean(axis=(0, 1, 2)) / 127.5 - 1.0
     metrics.update(seconds=time.time() - start, steps=config.steps,
                    mean_colour=[float(v) for v in colours])
-    io.write_json(os.path.join(workdir, "metrics.json"), metrics)
+    if main:
+        io.write_json(os.path.join(workdir, "metrics.json"), metrics)
     return metrics

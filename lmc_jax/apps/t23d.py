@@ -9,13 +9,22 @@ One jitted train step:
 
 so `d loss / d params = (dx/dparams)^T grad_x + regularizer gradients` (the guidance gradient
 pulled back through the VAE encoder and the volume renderer by reverse-mode autodiff).
+
+Parallelism: the `batch` views of a step are split over the mesh's `data` axis (`batch` must be
+a multiple of it), params and optimizer state are replicated, the prior's large arrays split
+over `model` with `parallel.model_axis > 1` (lmc_jax.parallel).
+
+Survival: resumes from WORKDIR/checkpoints (bit-identical to an uninterrupted run: each step's
+randomness is `fold_in(key, step)`); a resume whose config changed `field.*` is refused.
+SIGTERM/SIGINT save a checkpoint and exit with status 143 (`EXIT_PREEMPTED`); run the same
+command again to continue. A NaN/inf loss or state stops the run with an error and keeps the
+last good checkpoint. Only process 0 writes files.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from typing import Any
 
@@ -26,8 +35,8 @@ import numpy as np
 import optax
 from flax import struct
 
-from lmc_jax import io
-from lmc_jax.checkpoint import EXIT_PREEMPTED, Checkpointer, Preemption, all_finite
+from lmc_jax import io, parallel
+from lmc_jax.checkpoint import Checkpointer, Preemption, TrainGuard
 from lmc_jax.config import require_positive, require_prompt
 from lmc_jax.errors import UserError
 from lmc_jax.guidance import Conditioning, surrogate_loss
@@ -85,18 +94,28 @@ def to_prior_input(prior: Prior, images: jax.Array) -> jax.Array:
     return prior.encode(images)
 
 
-def make_step(config, prior: Prior, field: MLPField, background, opt, emb_views, emb_null):
-    """The jitted train step `(state) -> (state, metrics)`."""
+def make_step(config, prior: Prior, field: MLPField, background, opt, emb_views, emb_null,
+              mesh: jax.sharding.Mesh | None = None):
+    """The jitted train step `(state) -> (state, metrics)` on `mesh` (default: all devices).
+
+    The views (cameras, rays, renders, x) are split over the mesh's `data` axis; the state
+    comes back replicated. The prior's params and the prompt embeddings are arguments of the
+    compiled step (placed once by `parallel.shard_params`), not constants baked into it.
+    """
+    mesh = mesh if mesh is not None else parallel.mesh_from_config(config)
     fn, hp = build_guidance(prior, config.guidance)
     rc, cc, sc = config.render, config.camera, config.shading
     b, size = config.batch, rc.size
+    parallel.check_batch(b, mesh, "batch")
+    split = lambda tree: parallel.constrain_batch(tree, mesh)  # noqa: E731
 
     def render_views(params, key, step):
         k_cam, k_shade, k_light, k_bg, k_ray = jax.random.split(key, 5)
-        cams = cameras.sample_orbit_cameras(
+        cams = split(cameras.sample_orbit_cameras(
             k_cam, b, tuple(cc.elevation_range), tuple(cc.azimuth_range),
-            tuple(cc.distance_range), tuple(cc.fovy_range))
-        origins, directions, radii = cameras.generate_rays(cams["c2w"], cams["fovy"], size, size)
+            tuple(cc.distance_range), tuple(cc.fovy_range)))
+        origins, directions, radii = split(
+            cameras.generate_rays(cams["c2w"], cams["fovy"], size, size))
         modes = shading.sample_shading_mode(k_shade, tuple(sc.probs), (b,))
         light = shading.sample_light_position(k_light, cams["c2w"][:, :3, 3])
         if sc.background == "mlp":
@@ -108,20 +127,25 @@ def make_step(config, prior: Prior, field: MLPField, background, opt, emb_views,
                           scene_radius=rc.scene_radius, num_coarse=rc.num_coarse,
                           num_fine=rc.num_fine, randomized=True,
                           shading_mode=modes[:, None, None],
-                          light_position=light[:, None, None, :], background=bg,
+                          light_position=light[:, None, None, :], background=split(bg),
                           ambient=sc.ambient, diffuse=sc.diffuse)
         view = cameras.view_index(cams["elevation"], cams["azimuth"])
         return out, directions, view
 
-    def loss_fn(params, key, step):
+    def loss_fn(params, consts, key, step):
+        pr = prior.replace(params=consts["prior"])
+        # The exact deficiency is a method of the prior: bind it to the argument, not a constant.
+        hp_ = hp.replace(bias_fn=pr.exact_bias) if hp.bias_fn == prior.exact_bias else hp
         k_render, k_noise = jax.random.split(key)
         out, directions, view = render_views(params, k_render, step)
         images = out["rgb"] * 2.0 - 1.0
-        x = to_prior_input(prior, images)
-        t, eps = noise_for_step(config.guidance, k_noise, step, b, prior.x_shape, config.steps)
+        x = split(to_prior_input(pr, images))
+        t, eps = split(noise_for_step(config.guidance, k_noise, step, b, pr.x_shape,
+                                      config.steps))
+        emb_null = consts["emb_null"]
         null = jnp.broadcast_to(emb_null, (b,) + emb_null.shape[1:])
-        cond = Conditioning(c=emb_views[view], u=null)
-        g = fn(prior, x, t, eps, cond, hp)
+        cond = split(Conditioning(c=consts["emb_views"][view], u=null))
+        g = fn(pr, x, t, eps, cond, hp_)
         l_orient = regularizers.orientation_loss(out["weights"], out["normals"], directions)
         l_opacity = regularizers.opacity_loss(out["acc"])
         loss = (surrogate_loss(x, g.grad) + config.reg.orientation * l_orient
@@ -130,16 +154,21 @@ def make_step(config, prior: Prior, field: MLPField, background, opt, emb_views,
                    "t_mean": jnp.mean(t.astype(jnp.float32))}
         return loss, metrics
 
-    @jax.jit
-    def step_fn(state: T23DState):
+    def step_fn(state: T23DState, consts):
         key = jax.random.fold_in(state.key, state.step)
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, key, state.step)
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, consts, key, state.step)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         metrics["grad_norm"] = optax.global_norm(grads)
         return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                              opt_state=opt_state), metrics
 
-    return step_fn
+    rep = parallel.replicated(mesh)
+    consts = {"prior": parallel.shard_params(prior.params, mesh),
+              "emb_views": parallel.replicate(emb_views, mesh),
+              "emb_null": parallel.replicate(emb_null, mesh)}
+    jitted = jax.jit(step_fn, in_shardings=(rep, parallel.sharding_of(consts)),
+                     out_shardings=(rep, rep))
+    return lambda state: jitted(state, consts)
 
 
 def render_orbit(field: MLPField, params, config, num: int, size: int, elevation: float = 15.0):
@@ -150,85 +179,106 @@ def render_orbit(field: MLPField, params, config, num: int, size: int, elevation
                                        fovy=float(np.mean(config.camera.fovy_range)))
 
     @jax.jit
-    def one(c2w, fovy):
+    def one(p, c2w, fovy):
         o, d, r = cameras.generate_rays(c2w[None], fovy[None], size, size)
-        out = render_rays(field, params["field"], None, o, d, r, scene_radius=rc.scene_radius,
+        out = render_rays(field, p, None, o, d, r, scene_radius=rc.scene_radius,
                           num_coarse=rc.num_coarse, num_fine=rc.num_fine, randomized=False,
                           shading_mode=1, light_position=o, background=jnp.ones(3),
                           compute_normals=True)
         return out["rgb"][0]
 
-    frames = [np.asarray(one(cams["c2w"][i], cams["fovy"][i])) for i in range(num)]
+    # Host copy: this process renders alone (process 0 of a multi-host job writes the outputs).
+    p = jax.device_get(params["field"])
+    frames = [np.asarray(one(p, cams["c2w"][i], cams["fovy"][i])) for i in range(num)]
     return io.to_uint8(np.stack(frames), 0.0, 1.0)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    prior = build_prior(config.prior)
-    prompt = validate(config, prior)
-    os.makedirs(workdir, exist_ok=True)
-    field = build_field(config.field)
-    background = shading.BackgroundMLP()
+# Config keys that fix the shapes of the checkpointed state: a resume must not change them.
+FIXED_KEYS = ("field.",)
+
+
+def init_state(config, field: MLPField, background, opt) -> T23DState:
     key = jax.random.PRNGKey(config.seed)
     k_field, k_bg, k_run = jax.random.split(key, 3)
     zeros = jnp.zeros((1, 3))
     params = {"field": field.init(k_field, zeros, zeros),
               "background": background.init(k_bg, zeros)}
-    opt = optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adam(config.lr))
-    state = T23DState(step=jnp.asarray(0, jnp.int32), params=params,
-                      opt_state=opt.init(params), key=k_run)
-    ckpt = Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
-    restored = ckpt.restore_latest(state)
-    if restored is not None:
-        state = restored[0]
-        logging.info("resumed from step %d", int(state.step))
-    emb_views = view_embeddings(prior, prompt, config.view_dependent_prompt)
-    emb_null = prior.embed_text([""])
-    step_fn = make_step(config, prior, field, background, opt, emb_views, emb_null)
-    writer = MetricWriter(workdir)
+    return T23DState(step=jnp.asarray(0, jnp.int32), params=params,
+                     opt_state=opt.init(params), key=k_run)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, prior: Prior | None = None,
+          mesh: jax.sharding.Mesh | None = None) -> dict:
+    """Optimizes (or resumes) the field; returns `{field, state, metrics, seconds, start_step}`.
+
+    Raises `lmc_jax.checkpoint.Preempted` (exit status 143) after saving on SIGTERM/SIGINT.
+    """
+    prior = prior or build_prior(config.prior)
+    prompt = validate(config, prior)
+    mesh = mesh if mesh is not None else parallel.mesh_from_config(config)
+    parallel.check_batch(config.batch, mesh, "batch")
+    os.makedirs(workdir, exist_ok=True)
     cfg_json = config.to_dict()
-    start, start_step = time.time(), int(state.step)
-    last_good = start_step
-    metrics = {}
-    with Preemption() as pre:
-        bar = io.progress(range(start_step, config.steps), initial=start_step,
-                          total=config.steps, desc="text-to-3D", unit="step")
-        for i in bar:
-            new_state, metrics = step_fn(state)
-            done = i + 1
-            if done % config.log_every == 0 or done == config.steps:
-                if not all_finite(metrics):
-                    ckpt.close()
-                    raise UserError(f"non-finite loss or gradient at step {done} "
-                                    f"({ {k: float(v) for k, v in metrics.items()} }); kept the "
-                                    f"last good checkpoint (step {last_good}) in "
-                                    f"{ckpt.directory}; lower lr or guidance.w")
-                writer.write_scalars(done, metrics)
-                bar.set_postfix({k: f"{float(v):.3g}" for k, v in metrics.items()
-                                 if k.endswith("grad_norm") or k.startswith("L_")})
-            state = new_state
-            if done % config.output.grid_every == 0 or done == config.steps:
-                grid = io.grid([render_orbit(field, state.params, config, 4, config.render.size)])
-                io.save_png(os.path.join(workdir, f"grid_{done:06d}.png"), grid, scale=2)
-                writer.write_images(done, {"views": grid})
-            if ckpt.should_save(done, last=done == config.steps) or pre.requested:
-                if all_finite(state.params):
-                    ckpt.save(done, state, cfg_json)
-                    last_good = done
-            if pre.requested:
-                writer.close()
-                ckpt.close()
-                print(f"preempted: checkpoint {done} saved in {ckpt.directory}", file=sys.stderr)
-                sys.exit(EXIT_PREEMPTED)
-    train_seconds = time.time() - start
-    writer.close()
-    ckpt.close()
-    out = write_outputs(field, state.params, config, workdir)
-    result = {k: float(v) for k, v in metrics.items()}
+    ckpt = Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
+    try:
+        ckpt.check_resume(cfg_json, FIXED_KEYS)
+        field = build_field(config.field)
+        background = shading.BackgroundMLP()
+        opt = optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adam(config.lr))
+        state = parallel.replicate(init_state(config, field, background, opt), mesh)
+        restored = ckpt.restore_latest(state, cfg_json, FIXED_KEYS)
+        if restored is not None:
+            state = restored[0]
+            logging.info("resumed from step %d", int(state.step))
+        emb_views = view_embeddings(prior, prompt, config.view_dependent_prompt)
+        emb_null = prior.embed_text([""])
+        step_fn = make_step(config, prior, field, background, opt, emb_views, emb_null, mesh)
+        start, start_step = time.time(), int(state.step)
+        metrics = {}
+        main = parallel.is_main_process()
+        writer = MetricWriter(workdir)
+        try:
+            with Preemption() as pre:
+                guard = TrainGuard(ckpt, pre, cfg_json, start_step, hint="lower lr or guidance.w")
+                bar = io.progress(range(start_step, config.steps), initial=start_step,
+                                  total=config.steps, desc="text-to-3D", unit="step",
+                                  disable=not main)
+                for i in bar:
+                    state, metrics = step_fn(state)
+                    done = i + 1
+                    if done % config.log_every == 0 or done == config.steps:
+                        guard.check_metrics(done, metrics)
+                        writer.write_scalars(done, metrics)
+                        bar.set_postfix({k: f"{float(v):.3g}" for k, v in metrics.items()
+                                         if k.endswith("grad_norm") or k.startswith("L_")})
+                    if main and (done % config.output.grid_every == 0 or done == config.steps):
+                        grid = io.grid([render_orbit(field, state.params, config, 4,
+                                                     config.render.size)])
+                        io.save_png(os.path.join(workdir, f"grid_{done:06d}.png"), grid, scale=2)
+                        writer.write_images(done, {"views": grid})
+                    guard.end_of_step(done, state, last=done == config.steps)
+        finally:
+            writer.close()
+    finally:
+        ckpt.close()
+    return {"field": field, "state": state, "metrics": metrics, "seconds": time.time() - start,
+            "start_step": start_step}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (or resumes) and writes the outputs; exits with status 143 when preempted."""
+    res = train(config, workdir)
+    field, state, train_seconds = res["field"], res["state"], res["seconds"]
+    out = {}
+    if parallel.is_main_process():
+        out = write_outputs(field, state.params, config, workdir)
+    result = {k: float(v) for k, v in res["metrics"].items()}
     result.update(out, train_seconds=train_seconds, steps=config.steps,
-                  seconds_per_step=train_seconds / max(config.steps - start_step, 1))
-    io.write_json(os.path.join(workdir, "metrics.json"), result)
-    print(io.format_table([[k, v] for k, v in result.items() if not isinstance(v, (str, list))],
-                          ["metric", "value"]))
+                  seconds_per_step=train_seconds / max(config.steps - res["start_step"], 1))
+    if parallel.is_main_process():
+        io.write_json(os.path.join(workdir, "metrics.json"), result)
+        print(io.format_table([[k, v] for k, v in result.items()
+                               if not isinstance(v, (str, list))], ["metric", "value"]))
     return result
 
 

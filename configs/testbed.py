@@ -18,7 +18,8 @@ bias_error.png (error against t) and mixture.png, and prints a table.
 
     python -m lmc_jax.main --config=configs/testbed.py --workdir=runs/testbed
 
-About 4-6 minutes on 2 CPU cores (mostly training the two b_psi). Presets: `:quick` (a few
+Measured: 890 s on 2 CPU cores shared with other jobs (load ~4), almost all of it training the
+two b_psi (1500 steps each); expect well under that on an idle machine. Presets: `:quick` (a few
 hundred b_psi steps, fewer images: for tests and a first look, ~1 minute), `:exact` (part 1
 only, ~15 s).
 """

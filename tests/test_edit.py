@@ -106,3 +106,4 @@ def test_synth_reaches_the_prompted_colour_and_fixed_noise_seeds_differ(tmp_path
     img = np.asarray(Image.open(tmp_path / "final.png")).astype(float)
     top, bottom = img[: img.shape[0] // 2], img[img.shape[0] // 2:]
     assert np.abs(top.mean() - bottom.mean()) < 20 and np.abs(top - bottom).mean() > 5
+    assert any((tmp_path / "tensorboard").iterdir())  # TensorBoard scalars and images

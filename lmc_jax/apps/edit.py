@@ -25,6 +25,7 @@ from lmc_jax.guidance import Conditioning
 from lmc_jax.guidance.from_config import build_guidance
 from lmc_jax.priors.base import Prior
 from lmc_jax.priors.factory import build_prior
+from lmc_jax.writer import MetricWriter
 
 
 def load_source_image(path: str, prior: Prior, source_prompt: str, key: jax.Array) -> jax.Array:
@@ -76,6 +77,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                    np.linspace(0, config.steps, config.snapshots)}))
     os.makedirs(workdir, exist_ok=True)
     rows, table, metrics, finals = [], [], {}, {}
+    writer = MetricWriter(workdir)
     for method in methods:
         mcfg = gcfg.copy_and_resolve_references()
         mcfg.method = method
@@ -93,13 +95,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             prior, x_src, cond, fn, hp, mcfg, steps=config.steps,
             optimizer=make_optimizer(config.optimizer, config.lr), key=k_noise,
             grad_scale=config.grad_scale, snapshot_steps=snapshot_steps,
-            log_every=config.log_every, desc=f"edit {method}")
+            log_every=config.log_every, desc=f"edit {method}", writer=writer, tag=f"{method}/")
         m = image_metrics(np.asarray(prior.decode(x)), np.asarray(source), prior, prompt)
         m["seconds_per_step"] = (time.time() - start) / config.steps
         metrics[method] = {**m, **scalars}
         rows.append((method, io.to_uint8(np.concatenate(snaps))))
         finals[method] = np.asarray(prior.decode(x))
         table.append([method] + [m[k] for k in sorted(m)])
+    writer.close()
     _add_clip_scores(config.clip_path, metrics, finals, prompt)
     grid = labelled_grid(rows)
     io.save_png(os.path.join(workdir, "compare.png" if config.compare else "edit.png"), grid,

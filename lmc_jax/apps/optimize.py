@@ -33,12 +33,14 @@ def make_optimizer(name: str, lr: float) -> optax.GradientTransformation:
 def optimize_x(prior: Prior, x0: jax.Array, cond: Conditioning, fn: Callable,
                hp: GuidanceParams, gcfg: ml_collections.ConfigDict, *, steps: int,
                optimizer: optax.GradientTransformation, key: jax.Array, grad_scale: float = 1.0,
-               snapshot_steps: tuple[int, ...] = (), log_every: int = 0, desc: str = "optimize"
-               ) -> tuple[jax.Array, list[np.ndarray], dict]:
+               snapshot_steps: tuple[int, ...] = (), log_every: int = 0, desc: str = "optimize",
+               writer=None, tag: str = "") -> tuple[jax.Array, list[np.ndarray], dict]:
     """Runs `steps` guidance steps on `x`; returns (x, decoded snapshots, last scalars).
 
     Snapshots are decoded images (numpy) after the steps listed in `snapshot_steps` (0 = the
-    start). A non-finite gradient stops with a UserError.
+    start). A non-finite gradient stops with a UserError. With a `writer` (MetricWriter), the
+    scalars are logged every `log_every` steps and the snapshots as images, names prefixed by
+    `tag`.
     """
     n = x0.shape[0]
 
@@ -65,6 +67,10 @@ def optimize_x(prior: Prior, x0: jax.Array, cond: Conditioning, fn: Callable,
                 raise UserError(f"non-finite guidance at step {i + 1} ({values}); lower lr, "
                                 "grad_scale or guidance.w")
             bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()})
+            if writer is not None:
+                writer.write_scalars(i + 1, {f"{tag}{k}": v for k, v in values.items()})
         if i + 1 in snapshot_steps:
             snaps.append(np.asarray(prior.decode(x)))
+            if writer is not None and snaps[-1].shape[-1] == 3:
+                writer.write_images(i + 1, {f"{tag}image": io.grid([io.to_uint8(snaps[-1])])})
     return x, snaps, {k: float(v) for k, v in scalars.items()}

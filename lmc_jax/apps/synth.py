@@ -25,6 +25,7 @@ from lmc_jax.config import require_positive, require_prompt
 from lmc_jax.guidance import Conditioning
 from lmc_jax.guidance.from_config import build_guidance
 from lmc_jax.priors.factory import build_prior
+from lmc_jax.writer import MetricWriter
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -44,6 +45,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         if gcfg.method == "nfsd" else None)
     start = time.time()
     finals, metrics = [], {}
+    writer = MetricWriter(workdir)  # writes on process 0 only
     for s in range(config.seeds):
         k_init, k_noise = jax.random.split(jax.random.PRNGKey(config.seed + s))
         images = jnp.zeros((n, *prior.image_shape))
@@ -53,8 +55,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         x, _, metrics = optimize_x(
             prior, x0, cond, fn, hp, gcfg, steps=config.steps,
             optimizer=make_optimizer(config.optimizer, config.lr), key=k_noise,
-            log_every=config.log_every, desc=f"synth seed {config.seed + s}")
+            log_every=config.log_every, desc=f"synth seed {config.seed + s}",
+            snapshot_steps=(config.steps,), writer=writer, tag=f"seed{config.seed + s}/")
         finals.append(io.to_uint8(np.asarray(prior.decode(parallel.to_host(x)))))
+    writer.close()
     main = parallel.is_main_process()
     if main:
         os.makedirs(workdir, exist_ok=True)

@@ -112,3 +112,20 @@ def require_prompt(prompt: str, what: str = "prompt") -> str:
 def require_positive(value: int | float, key: str) -> None:
     if value <= 0:
         raise UserError(f"{key} must be > 0, got {value}; set --config.{key}=N")
+
+
+def load_config(path: str, preset: str = "") -> ml_collections.ConfigDict:
+    """Loads `get_config(preset)` from a config file, as `--config=PATH[:PRESET]` does.
+
+    For use from Python (notebooks, tests): `load_config("configs/t23d.py", "tiny")`.
+    """
+    import importlib.util
+    import os
+
+    if not os.path.exists(path):
+        raise UserError(f"config file {path!r} not found")
+    name = "lmc_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(preset) if preset else module.get_config()

@@ -87,8 +87,9 @@ def _load_base_config(argv: list[str]):
         if arg.startswith("--config="):
             path, _, preset = arg.split("=", 1)[1].partition(":")
             try:
-                module = config_flags.config_flags._LoadConfigModule("config", path)
-                return module.get_config(preset) if preset else module.get_config()
+                from lmc_jax.config import load_config
+
+                return load_config(path, preset)
             except Exception:  # noqa: BLE001 - suggestions are best effort
                 return None
     return None

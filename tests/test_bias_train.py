@@ -10,6 +10,7 @@ import pytest
 from lmc_jax.bias import train
 from lmc_jax.bias.model import BiasNet, bias_fn_from
 from lmc_jax.bias.store import load_bias, save_bias
+from lmc_jax.config import load_config
 from lmc_jax.errors import UserError
 from lmc_jax.priors import gaussian
 
@@ -93,16 +94,12 @@ def test_mismatched_bias_is_a_clear_error(prior, trained, tmp_path):
 
 def test_bias_app_trains_saves_and_resumes(tmp_path):
     """configs/bias.py:quick through the app: writes bias/, resumes from its checkpoint."""
-    import importlib.util
     import os
 
     from lmc_jax.apps import bias as bias_app
 
-    spec = importlib.util.spec_from_file_location(
-        "bias_cfg", os.path.join(os.path.dirname(__file__), "..", "configs", "bias.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    config: ml_collections.ConfigDict = mod.get_config("quick")
+    config: ml_collections.ConfigDict = load_config(
+        os.path.join(os.path.dirname(__file__), "..", "configs", "bias.py"), "quick")
     config.prior.resolution = RES
     config.train.steps = 20
     config.checkpoint_every = 10

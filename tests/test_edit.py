@@ -1,6 +1,5 @@
 """Image editing on the exact mixture prior: every method moves toward the target class."""
 
-import importlib.util
 import json
 import os
 
@@ -9,17 +8,14 @@ import pytest
 from PIL import Image
 
 from lmc_jax.apps import edit, synth
+from lmc_jax.config import load_config
 from lmc_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(name, preset):
-    spec = importlib.util.spec_from_file_location(f"{name}_cfg",
-                                                  os.path.join(ROOT, "configs", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(preset)
+    return load_config(os.path.join(ROOT, "configs", f"{name}.py"), preset)
 
 
 def _mean_colour_distance(images, colour):

@@ -1,20 +1,16 @@
 """Zero-shot image-to-image training on the exact mixture prior (red -> blue)."""
 
-import importlib.util
 import os
 
 from lmc_jax.apps import i2i
 from lmc_jax.checkpoint import Checkpointer
+from lmc_jax.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config():
-    spec = importlib.util.spec_from_file_location("i2i_cfg", os.path.join(ROOT, "configs",
-                                                                        "i2i.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("mixture")
+    c = load_config(os.path.join(ROOT, "configs", "i2i.py"), "mixture")
     c.steps = 60
     c.net.features = 16
     c.net.blocks = 1

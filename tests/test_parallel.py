@@ -9,7 +9,6 @@ order). The subprocess writes a JSON file of measurements that the test checks.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,16 +19,14 @@ import time
 import numpy as np
 import pytest
 
+from lmc_jax.config import load_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL, ATOL = 1e-5, 1e-6
 
 
 def _load_config(name: str, preset: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_cfg",
-                                                  os.path.join(ROOT, "configs", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(preset)
+    return load_config(os.path.join(ROOT, "configs", f"{name}.py"), preset)
 
 
 def t23d_config(steps: int = 2):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import glob
-import importlib.util
 import logging
 import os
 import shutil
@@ -34,6 +33,7 @@ from lmc_jax.checkpoint import (
     all_finite,
     check_resume_config,
 )
+from lmc_jax.config import load_config
 from lmc_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,11 +46,7 @@ CACHE_KEYS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_tim
 
 
 def _load_config(name: str, preset: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_cfg",
-                                                  os.path.join(ROOT, "configs", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(preset)
+    return load_config(os.path.join(ROOT, "configs", f"{name}.py"), preset)
 
 
 def bias_config(**changes):

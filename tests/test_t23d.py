@@ -1,6 +1,5 @@
 """The text-to-3D app end to end on the exact mixture prior, and its bad-input errors."""
 
-import importlib.util
 import json
 import os
 
@@ -9,17 +8,14 @@ import numpy as np
 import pytest
 
 from lmc_jax.apps import t23d
+from lmc_jax.config import load_config
 from lmc_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(preset="mixture"):
-    spec = importlib.util.spec_from_file_location("t23d_cfg", os.path.join(ROOT, "configs",
-                                                                          "t23d.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(preset)
+    c = load_config(os.path.join(ROOT, "configs", "t23d.py"), preset)
     c.steps = 4
     c.render.size = 16
     c.render.num_coarse = 8

@@ -23,13 +23,13 @@ if __name__ == "__main__":
     _runtime.maybe_reexec_with_fast_malloc(sys.argv)
 
 import argparse
-import json
 import statistics
 
 import _timing  # benchmarks/_timing.py (this script's folder is on sys.path)
 import jax
 import jax.numpy as jnp
 
+from lmc_jax import io
 from lmc_jax.bias import BiasNet, param_count
 
 
@@ -111,9 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['batch']:>3} | {r['unet_eps_ms']:>19.2f} | {r['bias_fwd_vjp_ms']:>23.2f} | "
               f"{r['ratio']:>12.3f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
-        print(f"\nwrote {args.json}")
+        print(f"\nwrote {io.write_json(args.json, res)}")
 
 
 if __name__ == "__main__":

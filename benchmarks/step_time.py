@@ -61,7 +61,7 @@ from typing import Any
 import _timing  # benchmarks/_timing.py (this script's folder is on sys.path)
 import numpy as np
 
-from lmc_jax import _runtime
+from lmc_jax import _runtime, io
 
 FRAMEWORKS = ("jax", "torch")
 METHODS = ("sds", "lmc")
@@ -512,9 +512,7 @@ def main(argv: list[str] | None = None) -> None:
                rows=aggregate(workers, memory))
     report(res)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
-        print(f"\nwrote {args.json}")
+        print(f"\nwrote {io.write_json(args.json, res)}")
 
 
 if __name__ == "__main__":

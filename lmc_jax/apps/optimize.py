@@ -18,6 +18,7 @@ import optax
 from lmc_jax import io
 from lmc_jax.errors import UserError
 from lmc_jax.guidance import Conditioning, GuidanceParams
+from lmc_jax.guidance.common import rebind_exact_bias
 from lmc_jax.guidance.from_config import noise_for_step
 from lmc_jax.priors.base import Prior
 
@@ -49,7 +50,7 @@ def optimize_x(prior: Prior, x0: jax.Array, cond: Conditioning, fn: Callable,
     @jax.jit
     def step(x, opt_state, i, prior_params):
         pr = prior.replace(params=prior_params)
-        hp_ = hp.replace(bias_fn=pr.exact_bias) if hp.bias_fn == prior.exact_bias else hp
+        hp_ = rebind_exact_bias(hp, prior, pr)
         t, eps = noise_for_step(gcfg, key, i, n, pr.x_shape, steps)
         out = fn(pr, x, t, eps, cond, hp_)
         updates, opt_state = optimizer.update(grad_scale * out.grad, opt_state, x)

@@ -40,6 +40,7 @@ from lmc_jax.checkpoint import Checkpointer, Preemption, TrainGuard
 from lmc_jax.config import require_positive, require_prompt
 from lmc_jax.errors import UserError
 from lmc_jax.guidance import Conditioning, surrogate_loss
+from lmc_jax.guidance.common import rebind_exact_bias
 from lmc_jax.guidance.from_config import build_guidance, noise_for_step
 from lmc_jax.nerf import cameras, export, regularizers, shading
 from lmc_jax.nerf.field import MLPField
@@ -135,7 +136,7 @@ def make_step(config, prior: Prior, field: MLPField, background, opt, emb_views,
     def loss_fn(params, consts, key, step):
         pr = prior.replace(params=consts["prior"])
         # The exact deficiency is a method of the prior: bind it to the argument, not a constant.
-        hp_ = hp.replace(bias_fn=pr.exact_bias) if hp.bias_fn == prior.exact_bias else hp
+        hp_ = rebind_exact_bias(hp, prior, pr)
         k_render, k_noise = jax.random.split(key)
         out, directions, view = render_views(params, k_render, step)
         images = out["rgb"] * 2.0 - 1.0

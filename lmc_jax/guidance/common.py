@@ -143,3 +143,12 @@ def sample_noise(key: jax.Array, step: jax.Array, batch: int, x_shape: tuple[int
         t = schedule.sample_timesteps(k_t, batch, t_min, hi)
     return t, eps
 
+
+
+def rebind_exact_bias(hp: GuidanceParams, old: Prior, new: Prior) -> GuidanceParams:
+    """`hp` with `bias_fn` moved from `old.exact_bias` to `new.exact_bias`.
+
+    Jitted steps take the prior's params as an argument (`new` = `old` with traced params);
+    an exact-bias `bias_fn` bound to `old` would bake `old`'s params in as constants.
+    """
+    return hp.replace(bias_fn=new.exact_bias) if hp.bias_fn == old.exact_bias else hp

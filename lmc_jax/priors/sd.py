@@ -137,23 +137,59 @@ def _place(params: Any, dtype: Any) -> Any:
     return jax.tree_util.tree_map(leaf, params)
 
 
-def make_sd_prior(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any,
+def closed_vocabulary_check(tokenizer: Any, name: str) -> Any:
+    """`check(prompt)`: raises a UserError naming unknown words, for closed-vocabulary tokenizers.
+
+    A real CLIP tokenizer holds all 256 byte characters, so any text tokenizes and nothing is
+    checked. A word-level tokenizer (the embedded prior's: one token per known word, see
+    `lmc_jax.priors.embedded.write_word_tokenizer`) lacks them; a word it does not turn into
+    exactly one known token was never seen in training, and the error lists the vocabulary.
+    """
+    vocab = tokenizer.get_vocab()
+    if all(c in vocab for c in "abcdefghijklmnopqrstuvwxyz"):
+        return lambda prompt: None
+    specials = set(tokenizer.all_special_tokens)
+    known = sorted(t[:-4] for t in vocab if t.endswith("</w>") and t not in specials)
+
+    def check(prompt: str) -> None:
+        unknown, word = [], []
+        for piece in tokenizer.tokenize(prompt):
+            word.append(piece)
+            if piece.endswith("</w>"):
+                if len(word) > 1 or piece not in vocab:
+                    unknown.append("".join(word)[:-4])
+                word = []
+        if word:
+            unknown.append("".join(word))
+        if unknown:
+            raise UserError(
+                f"{name} was trained on a closed vocabulary and does not know "
+                f"{', '.join(repr(w) for w in dict.fromkeys(unknown))} in the prompt {prompt!r}; "
+                f"use only these words: {' '.join(known)}")
+
+    return check
+
+
+def make_sd_prior(unet: Any, vae: Any | None, text_encoder: Any, tokenizer: Any,
                   params: dict[str, Any], scheduler_config: dict[str, Any], *,
                   dtype: str = "float32", name: str = "sd") -> Prior:
     """Builds the `Prior` from loaded (or random) components; the one place both paths meet.
 
     Args:
       unet: a `FlaxUNet2DConditionModel` (only its config is used; dtype is set here).
-      vae: a `FlaxAutoencoderKL`.
+      vae: a `FlaxAutoencoderKL`, or None for a pixel-space model (the UNet diffuses RGB images
+        in [-1, 1] directly, like the embedded prior of `lmc_jax.priors.embedded`).
       text_encoder: a `FlaxCLIPTextModel`.
       tokenizer: a `CLIPTokenizer`.
-      params: {'unet', 'vae', 'text_encoder'} weights, any float dtype, host or device.
+      params: {'unet', 'vae', 'text_encoder'} weights ('vae' only with a VAE), any float dtype,
+        host or device.
       scheduler_config: the scheduler_config.json dict (betas, prediction_type).
       dtype: 'float32' or 'bfloat16' (weights and compute); outputs are always float32.
       name: for logs.
     """
     cdtype = _jnp_dtype(dtype)
-    ucfg, vcfg, tcfg = unet.config, vae.config, text_encoder.config
+    ucfg, tcfg = unet.config, text_encoder.config
+    pixel = vae is None
 
     prediction = scheduler_config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
@@ -161,10 +197,11 @@ def make_sd_prior(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any,
                         f"{list(PREDICTION_TYPES)}")
     if ucfg.get("addition_embed_type") is not None:
         raise UserError(f"{name}: UNets with addition_embed_type (SDXL) are not supported")
-    latent_c = int(vcfg.latent_channels)
+    latent_c = 3 if pixel else int(vae.config.latent_channels)
     if ucfg.in_channels != latent_c or ucfg.out_channels != latent_c:
-        raise UserError(f"{name}: the UNet takes {ucfg.in_channels} channels but the VAE makes "
-                        f"{latent_c}; inpainting/depth checkpoints are not supported")
+        made = "RGB images have 3" if pixel else f"the VAE makes {latent_c}"
+        raise UserError(f"{name}: the UNet takes {ucfg.in_channels} channels but {made}; "
+                        "inpainting/depth checkpoints are not supported")
     if ucfg.cross_attention_dim != tcfg.hidden_size:
         raise UserError(f"{name}: the UNet's cross_attention_dim {ucfg.cross_attention_dim} does "
                         f"not match the text encoder's hidden_size {tcfg.hidden_size}")
@@ -174,14 +211,19 @@ def make_sd_prior(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any,
 
     size = ucfg.sample_size
     lh, lw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    factor = 2 ** (len(vcfg.block_out_channels) - 1)
-    scaling = float(vcfg.get("scaling_factor") or DEFAULT_VAE_SCALING)
     max_length = int(min(tokenizer.model_max_length, tcfg.max_position_embeddings))
     alphas_cumprod = alphas_cumprod_from_config(scheduler_config)
+    check_words = closed_vocabulary_check(tokenizer, name)
 
     unet_m = type(unet).from_config(dict(ucfg), dtype=cdtype)
-    vae_m = type(vae).from_config(dict(vcfg), dtype=cdtype)
     text_m = type(text_encoder)(tcfg, dtype=cdtype, _do_init=False)
+    if pixel:
+        factor, scaling, vae_m, vcfg = 1, 1.0, None, None
+    else:
+        vcfg = vae.config
+        factor = 2 ** (len(vcfg.block_out_channels) - 1)
+        scaling = float(vcfg.get("scaling_factor") or DEFAULT_VAE_SCALING)
+        vae_m = type(vae).from_config(dict(vcfg), dtype=cdtype)
 
     def eps_fn(p, x_t, t, emb):
         b = x_t.shape[0]
@@ -215,7 +257,8 @@ def make_sd_prior(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any,
         images = vae_m.apply({"params": p["vae"]}, z, method=vae_m.decode).sample  # NCHW
         return jnp.transpose(images, (0, 2, 3, 1)).astype(jnp.float32)
 
-    params = _place({k: params[k] for k in ("unet", "vae", "text_encoder")}, cdtype)
+    keys = ("unet", "text_encoder") if pixel else ("unet", "vae", "text_encoder")
+    params = _place({k: params[k] for k in keys}, cdtype)
 
     @jax.jit
     def encode_text(p, ids):
@@ -225,6 +268,8 @@ def make_sd_prior(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any,
         prompts = list(prompts)
         if not prompts or not all(isinstance(s, str) for s in prompts):
             raise UserError(f"embed_text takes a non-empty list of strings, got {prompts!r}")
+        for prompt in prompts:
+            check_words(prompt)
         ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                         return_tensors="np").input_ids
         return encode_text(params["text_encoder"], ids)
@@ -234,11 +279,11 @@ def make_sd_prior(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any,
         alphas_cumprod=jnp.asarray(alphas_cumprod),
         eps_fn=jax.jit(eps_fn),
         embed_fn=embed_fn,
-        encode_fn=jax.jit(encode_fn),
-        decode_fn=jax.jit(decode_fn),
+        encode_fn=None if pixel else jax.jit(encode_fn),
+        decode_fn=None if pixel else jax.jit(decode_fn),
         x_shape=(lh, lw, latent_c),
-        image_shape=(lh * factor, lw * factor, int(vcfg.out_channels)),
-        kind="latent",
+        image_shape=(lh * factor, lw * factor, 3 if pixel else int(vcfg.out_channels)),
+        kind="pixel" if pixel else "latent",
         name=name,
     )
 
@@ -251,6 +296,9 @@ def load_stable_diffusion(path: str, *, dtype: str = "float32", from_pt: bool = 
                           revision: str | None = None) -> Prior:
     """Loads a diffusers-layout Stable Diffusion (1.x/2.x) pipeline as a latent `Prior`.
 
+    A pipeline whose model_index.json sets `"vae": [null, null]` has no VAE: its UNet works on
+    RGB pixels and the result is a pixel `Prior` (the embedded prior, `lmc_jax.priors.embedded`).
+
     Args:
       path: a local folder with unet/, vae/, text_encoder/, tokenizer/, scheduler/, or a Hub id
         such as 'stabilityai/stable-diffusion-2-1-base' (needs network or the local HF cache).
@@ -261,15 +309,18 @@ def load_stable_diffusion(path: str, *, dtype: str = "float32", from_pt: bool = 
     """
     _jnp_dtype(dtype)
     folder = _resolve_folder(str(path), revision=revision, from_pt=from_pt)
-    missing = [c + "/" for c in COMPONENTS if not (folder / c).is_dir()]
+    pixel = _declares_no_vae(folder)
+    needed = [c for c in COMPONENTS if not (pixel and c == "vae")]
+    missing = [c + "/" for c in needed if not (folder / c).is_dir()]
     if missing:
         raise UserError(
             f"{path!r} is not a complete diffusers Stable Diffusion folder: it has no "
-            f"{', '.join(missing)} (needs {', '.join(c + '/' for c in COMPONENTS)}); {WEIGHTS_HINT}"
+            f"{', '.join(missing)} (needs {', '.join(c + '/' for c in needed)}); {WEIGHTS_HINT}"
         )
     d, tr = _compat.diffusers(), _compat.transformers()
     unet, unet_params = _load_diffusers_model(d.FlaxUNet2DConditionModel, folder / "unet", from_pt)
-    vae, vae_params = _load_diffusers_model(d.FlaxAutoencoderKL, folder / "vae", from_pt)
+    vae, vae_params = (None, None) if pixel else _load_diffusers_model(
+        d.FlaxAutoencoderKL, folder / "vae", from_pt)
     text_encoder, text_params = _load_text_encoder(folder / "text_encoder", from_pt)
     try:
         tokenizer = tr.CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
@@ -280,6 +331,15 @@ def load_stable_diffusion(path: str, *, dtype: str = "float32", from_pt: bool = 
     params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_params}
     return make_sd_prior(unet, vae, text_encoder, tokenizer, params, scheduler_config,
                          dtype=dtype, name=f"sd:{path}:{dtype}")
+
+
+def _declares_no_vae(folder: Path) -> bool:
+    """True when model_index.json exists and names no VAE (a pixel-space pipeline)."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return False
+    entry = _read_json(index).get("vae", "absent")
+    return entry is None or (isinstance(entry, list) and all(v is None for v in entry))
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,0 +1,232 @@
+"""Trains the embedded text-to-image prior on rendered shapes (configs/train_prior.py).
+
+The model (`lmc_jax.priors.embedded`): diffusers' `FlaxUNet2DConditionModel` on 32x32 RGB pixels
+and a 2-layer `FlaxCLIPTextModel` on a word-level tokenizer, trained jointly with the DDPM loss
+
+    L = E_{x, y, t, eps} || eps_phi(a_t x + s_t eps; enc(y), t) - eps ||^2,
+
+t uniform in [0, T), the caption `y` a random template of the example's (shape, colour), and
+replaced by the empty caption with probability `cond_dropout` (so classifier-free guidance has
+an unconditional model). The exported weights are an exponential moving average (`ema`).
+
+Outputs in the workdir: checkpoints/ (resumable, like every app), prior/ (the diffusers folder
+to copy into lmc_jax/assets/embedded_prior/ or pass as prior.path), samples.png (DDIM samples,
+one row per colour, one column per shape), metrics.json (loss, train time, and the evaluator's
+accuracy on the samples when an evaluator is available).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import flax.struct
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from lmc_jax import io, parallel
+from lmc_jax.checkpoint import Checkpointer, Preemption, TrainGuard
+from lmc_jax.config import require_positive
+from lmc_jax.data import shapes
+from lmc_jax.errors import UserError
+from lmc_jax.priors import embedded
+from lmc_jax.priors.sampling import ddim_sample
+from lmc_jax.priors.sd import alphas_cumprod_from_config, make_sd_prior
+from lmc_jax.writer import MetricWriter
+
+FIXED_KEYS = ("seed", "data.", "batch")
+
+
+@flax.struct.dataclass
+class State:
+    step: jax.Array
+    params: Any
+    ema: Any
+    opt_state: Any
+
+
+def caption_table(tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of every caption variant per class [25, V, L] and of the empty caption [L].
+
+    Classes with fewer variants (one shape word) repeat theirs, so each class has V entries.
+    """
+    per_class: dict[int, list[str]] = {}
+    for text, s, c in shapes.all_captions():
+        per_class.setdefault(c * len(shapes.SHAPES) + s, []).append(text)
+    v = max(len(t) for t in per_class.values())
+    rows = [(per_class[k] * v)[:v] for k in range(shapes.NUM_CLASSES)]
+    enc = lambda texts: tokenizer(texts, padding="max_length",  # noqa: E731
+                                  max_length=embedded.MAX_TOKENS, truncation=True,
+                                  return_tensors="np").input_ids
+    table = np.stack([enc(r) for r in rows]).astype(np.int32)
+    return table, enc([""])[0].astype(np.int32)
+
+
+def class_index(shape: np.ndarray, colour: np.ndarray) -> np.ndarray:
+    """The class id `colour * 5 + shape` (the inverse of `shapes.class_of`)."""
+    return colour * len(shapes.SHAPES) + shape
+
+
+def make_train_step(unet: Any, text_encoder: Any, opt: optax.GradientTransformation,
+                    alphas_cumprod: jax.Array, ema: float, cond_dropout: float):
+    """`step(state, key, images [B,H,W,3] in [-1,1], ids [B,L], null_ids [L]) -> (state, loss)`."""
+
+    def loss_fn(params, key, images, ids, null_ids):
+        b = images.shape[0]
+        k_t, k_eps, k_drop = jax.random.split(key, 3)
+        t = jax.random.randint(k_t, (b,), 0, alphas_cumprod.shape[0])
+        eps = jax.random.normal(k_eps, images.shape)
+        drop = jax.random.uniform(k_drop, (b,)) < cond_dropout
+        ids = jnp.where(drop[:, None], null_ids[None], ids)
+        emb = text_encoder(ids, params=params["text_encoder"]).last_hidden_state
+        a = jnp.sqrt(alphas_cumprod[t])[:, None, None, None]
+        s = jnp.sqrt(1.0 - alphas_cumprod[t])[:, None, None, None]
+        x_t = a * images + s * eps
+        out = unet.apply({"params": params["unet"]}, jnp.transpose(x_t, (0, 3, 1, 2)), t,
+                         emb).sample
+        return jnp.mean((jnp.transpose(out, (0, 2, 3, 1)) - eps) ** 2)
+
+    def step(state: State, key, images, ids, null_ids):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, key, images, ids, null_ids)
+        updates, opt_state = opt.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # EMA with warm-up: decay min(ema, (1 + n) / (10 + n)).
+        n = state.step.astype(jnp.float32)
+        d = jnp.minimum(ema, (1.0 + n) / (10.0 + n))
+        new_ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state.ema, params)
+        return State(state.step + 1, params, new_ema, opt_state), {"loss": loss}
+
+    return jax.jit(step)
+
+
+def _batches(n: int, batch: int, seed: int):
+    """`indices(step)`: grain's per-epoch shuffle of range(n), no batch straddling two epochs."""
+    order = grain.MapDataset.range(n).shuffle(
+        seed=int(np.random.SeedSequence(seed).generate_state(1)[0]))
+    per_epoch = n // batch
+
+    def indices(step: int) -> np.ndarray:
+        epoch, k = divmod(int(step), per_epoch)
+        start = epoch * n + k * batch
+        return np.asarray([order[start + j] for j in range(batch)])
+
+    return indices
+
+
+def sample_grid(prior, key: jax.Array, w: float, steps: int, per_class: int = 1):
+    """DDIM samples for every 'a {colour} {shape}' prompt: (uint8 [25*per_class,...], prompts)."""
+    prompts = [shapes.caption(s, c) for c in range(len(shapes.COLOURS))
+               for s in range(len(shapes.SHAPES))]
+    prompts = [p for p in prompts for _ in range(per_class)]
+    emb_c = prior.embed_text(prompts)
+    emb_u = prior.embed_text([""])
+    x = ddim_sample(prior, emb_c, emb_u, key, w=w, num_steps=steps)
+    return np.asarray(io.to_uint8(np.asarray(x))), prompts
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (or resumes) the embedded prior and exports it to WORKDIR/prior."""
+    require_positive(config.steps, "steps")
+    require_positive(config.batch, "batch")
+    if not 0.0 <= config.cond_dropout < 1.0:
+        raise UserError(f"cond_dropout must be in [0, 1), got {config.cond_dropout}")
+    cache_dir = os.path.expanduser(config.data.cache_dir or os.path.join(workdir, "data"))
+    data = shapes.load_arrays("train", config.data.num_train, cache_dir,
+                              config.data.resolution, config.seed)
+    n = len(data["image"])
+    if n < config.batch:
+        raise UserError(f"data.num_train={n} is smaller than batch={config.batch}")
+    images = data["image"].astype(np.float32) / 127.5 - 1.0
+    labels = class_index(data["shape"], data["colour"])
+
+    tok_dir = os.path.join(workdir, "tokenizer")
+    embedded.write_word_tokenizer(tok_dir, shapes.vocabulary())
+    unet, text_encoder, tokenizer = embedded.new_modules(tok_dir)
+    table, null_ids = caption_table(tokenizer)
+    alphas_cumprod = jnp.asarray(alphas_cumprod_from_config(embedded.SCHEDULER))
+
+    warmup = min(config.warmup, config.steps // 2)
+    lr = optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup, max(config.steps, warmup + 1),
+                                            config.lr * 0.05)
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.0))
+    params = jax.tree_util.tree_map(jnp.asarray, embedded.init_params(unet, text_encoder,
+                                                                      config.seed))
+    state = State(jnp.zeros((), jnp.int32), params, params, opt.init(params))
+    cfg_json = config.to_dict()
+    ckpt = Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
+    key = jax.random.PRNGKey(config.seed)
+    step_fn = make_train_step(unet, text_encoder, opt, alphas_cumprod, config.ema,
+                              config.cond_dropout)
+    indices = _batches(n, config.batch, config.seed)
+    table_j, null_j = jnp.asarray(table), jnp.asarray(null_ids)
+    losses = []
+    try:
+        ckpt.check_resume(cfg_json, FIXED_KEYS)
+        restored = ckpt.restore_latest(state, cfg_json, FIXED_KEYS)
+        if restored is not None:
+            state = restored[0]
+            logging.info("resumed from step %d", int(state.step))
+        start_step, start = int(state.step), time.time()
+        writer = MetricWriter(workdir)
+        try:
+            with Preemption() as pre:
+                guard = TrainGuard(ckpt, pre, cfg_json, start_step, hint="lower lr")
+                bar = io.progress(range(start_step, config.steps), initial=start_step,
+                                  total=config.steps, desc="train prior", unit="step",
+                                  disable=not parallel.is_main_process())
+                for i in bar:
+                    idx = indices(i)
+                    k_step = jax.random.fold_in(key, i)
+                    variant = jax.random.randint(jax.random.fold_in(k_step, 7), (len(idx),), 0,
+                                                 table.shape[1])
+                    ids = table_j[jnp.asarray(labels[idx]), variant]
+                    state, metrics = step_fn(state, k_step, jnp.asarray(images[idx]), ids, null_j)
+                    if (i + 1) % config.log_every == 0 or i + 1 == config.steps:
+                        guard.check_metrics(i + 1, metrics)
+                        writer.write_scalars(i + 1, metrics)
+                        losses.append(float(metrics["loss"]))
+                        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                    guard.end_of_step(i + 1, state, last=i + 1 == config.steps)
+        finally:
+            writer.close()
+    finally:
+        ckpt.close()
+    seconds = time.time() - start
+
+    host = parallel.to_host(state.ema)
+    prior = make_sd_prior(unet, None, text_encoder, tokenizer, host, embedded.SCHEDULER,
+                          name="embedded(trained)")
+    grid_images, prompts = sample_grid(prior, jax.random.PRNGKey(config.seed + 1),
+                                       config.sample.w, config.sample.steps,
+                                       config.sample.per_class)
+    metrics: dict[str, Any] = {"steps": config.steps, "train_seconds": seconds,
+                               "final_loss": losses[-1] if losses else None,
+                               "unet_params": int(sum(x.size for x in
+                                                      jax.tree_util.tree_leaves(host["unet"]))),
+                               "text_params": int(sum(x.size for x in jax.tree_util.tree_leaves(
+                                   host["text_encoder"])))}
+    try:
+        from lmc_jax.metrics import shapes_eval
+
+        ev = shapes_eval.load_shipped_evaluator()
+        x = jnp.asarray(grid_images.astype(np.float32) / 127.5 - 1.0)
+        metrics["sample_accuracy"] = float(shapes_eval.accuracy(ev, x, prompts))
+        metrics["sample_r_precision"] = float(shapes_eval.r_precision(ev, x, prompts))
+    except (UserError, ImportError) as e:
+        metrics["sample_accuracy"] = f"unavailable: {e}"
+    if parallel.is_main_process():
+        out = embedded.save_pipeline(os.path.join(workdir, "prior"), unet, text_encoder,
+                                     tokenizer, host)
+        per = config.sample.per_class
+        rows = [grid_images[r * 5 * per:(r + 1) * 5 * per] for r in range(len(shapes.COLOURS))]
+        io.save_png(os.path.join(workdir, "samples.png"), io.grid(rows), scale=2)
+        io.write_json(os.path.join(workdir, "metrics.json"), metrics)
+        print(io.format_table([[k, v] for k, v in metrics.items()], ["metric", "value"]))
+        print(f"prior saved to {out}")
+    return metrics

@@ -1,0 +1,346 @@
+"""Procedural renders of coloured 3D primitives with captions: the embedded prior's dataset.
+
+Every example is one primitive (`SHAPES`) in one colour (`COLOURS`), centred at the origin,
+rendered by sphere tracing its analytic signed distance function (SDF) from a random orbit
+camera, lit by one random directional light plus ambient light (Lambertian with a weak
+specular lobe), on a plain grey background, supersampled 2x2 and box-filtered. Its caption is
+one of `TEMPLATES` ("a green torus", "a torus, green", ...), with shape synonyms
+(`SHAPE_WORDS`: "ball" for sphere, ...).
+
+Determinism: example `i` of split `s` is a pure function of `(seed, s, i)` (its random draws come
+from `jax.random.fold_in(key(seed, s), i)`), and its class is `i mod 25` (balanced classes), so
+the same seed gives the same images on every machine and in every chunking.
+
+Splits (`SPLITS`): 'train' for the prior, 'eval_train' / 'eval_test' for the shape-and-colour
+evaluator (`lmc_jax.metrics.shapes_eval`): renders the prior never saw.
+
+`ShapesDataset` is a tensorflow-datasets builder writing array_record; `load_split` builds it
+(once, under `cache_dir`) and returns it as a tfds data source, which grain reads.
+
+Camera conventions match `lmc_jax.nerf.cameras` (y up, the camera looks at the origin), so the
+text-to-3D preset's orbit sees objects of the same size as the training renders.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from lmc_jax.errors import UserError
+
+SHAPES = ("sphere", "cube", "torus", "cone", "cylinder")
+SHAPE_WORDS = {
+    "sphere": ("sphere", "ball"),
+    "cube": ("cube", "box"),
+    "torus": ("torus", "ring"),
+    "cone": ("cone",),
+    "cylinder": ("cylinder",),
+}
+COLOURS = {  # linear albedo
+    "red": (0.80, 0.08, 0.06),
+    "green": (0.10, 0.62, 0.12),
+    "blue": (0.08, 0.20, 0.85),
+    "yellow": (0.90, 0.78, 0.08),
+    "purple": (0.50, 0.12, 0.70),
+}
+TEMPLATES = (
+    "a {colour} {shape}",
+    "a {shape}, {colour}",
+    "a {colour} {shape} on a plain background",
+    "a render of a {colour} {shape}",
+)
+SPLITS = {"train": 0, "eval_train": 1, "eval_test": 2}
+NUM_CLASSES = len(SHAPES) * len(COLOURS)
+
+# Scene and camera ranges (world units; the object fits in a sphere of radius ~0.6).
+CAMERA_DISTANCE = (2.0, 2.6)
+CAMERA_ELEVATION_DEG = (0.0, 50.0)
+FOVY_DEG = 45.0
+BACKGROUND = (0.55, 0.85)  # grey level range
+SUPERSAMPLE = 2
+MARCH_STEPS = 64
+
+
+def class_of(index: np.ndarray | int) -> tuple[Any, Any]:
+    """(shape id, colour id) of example `index`: class `index mod 25`, shape fastest."""
+    c = np.asarray(index) % NUM_CLASSES
+    return c % len(SHAPES), c // len(SHAPES)
+
+
+def caption(shape: int, colour: int, template: int = 0, synonym: int = 0) -> str:
+    """The caption of (shape, colour): `TEMPLATES[template]` with `SHAPE_WORDS[...][synonym]`."""
+    words = SHAPE_WORDS[SHAPES[shape]]
+    return TEMPLATES[template].format(colour=list(COLOURS)[colour],
+                                      shape=words[synonym % len(words)])
+
+
+def all_captions() -> list[tuple[str, int, int]]:
+    """Every (caption, shape, colour) the prior is trained on, in a fixed order."""
+    out = []
+    for s, name in enumerate(SHAPES):
+        for c in range(len(COLOURS)):
+            for tpl in range(len(TEMPLATES)):
+                for syn in range(len(SHAPE_WORDS[name])):
+                    out.append((caption(s, c, tpl, syn), s, c))
+    return out
+
+
+def vocabulary() -> list[str]:
+    """The words (CLIP-tokenizer pieces) of all captions, sorted."""
+    words = set()
+    for text, _, _ in all_captions():
+        words.update(text.replace(",", " , ").split())
+    return sorted(words)
+
+
+# ----------------------------------------------------------------------------------------------
+# Signed distance functions, each for a primitive at the origin with y up.
+
+
+def sdf_sphere(p: jax.Array) -> jax.Array:
+    """|p| - r."""
+    return jnp.linalg.norm(p, axis=-1) - 0.55
+
+
+def sdf_cube(p: jax.Array) -> jax.Array:
+    """Rounded box: |max(|p| - h, 0)| + min(max_i(|p_i| - h), 0) - rounding."""
+    q = jnp.abs(p) - (0.40 - 0.03)
+    outside = jnp.linalg.norm(jnp.maximum(q, 0.0), axis=-1)
+    inside = jnp.minimum(jnp.max(q, axis=-1), 0.0)
+    return outside + inside - 0.03
+
+
+def sdf_torus(p: jax.Array) -> jax.Array:
+    """Torus around the y axis: |(|p_xz| - R, p_y)| - r."""
+    ring = jnp.linalg.norm(p[..., [0, 2]], axis=-1) - 0.40
+    return jnp.sqrt(ring**2 + p[..., 1] ** 2) - 0.17
+
+
+def sdf_cylinder(p: jax.Array) -> jax.Array:
+    """Capped cylinder (radius 0.42, half-height 0.45) in 2D (radial, axial) distance form."""
+    d = jnp.stack([jnp.linalg.norm(p[..., [0, 2]], axis=-1) - 0.42,
+                   jnp.abs(p[..., 1]) - 0.45], axis=-1)
+    return (jnp.minimum(jnp.max(d, axis=-1), 0.0)
+            + jnp.linalg.norm(jnp.maximum(d, 0.0), axis=-1))
+
+
+def sdf_cone(p: jax.Array) -> jax.Array:
+    """Solid cone, base radius 0.5 at y = -0.45, apex at y = 0.45: exact distance in the
+    (radial r, height y) half-plane to the triangle (0, -h), (R, -h), (0, h)."""
+    radius, h = 0.5, 0.45
+    r = jnp.linalg.norm(p[..., [0, 2]], axis=-1)
+    y = p[..., 1]
+    # Distance to the base disc segment {(s, -h): 0 <= s <= R}.
+    base = jnp.stack([r - jnp.clip(r, 0.0, radius), y + h], axis=-1)
+    # Distance to the slanted side from (R, -h) to (0, h).
+    a = jnp.array([radius, -h])
+    e = jnp.array([-radius, 2 * h])
+    q = jnp.stack([r, y], axis=-1)
+    u = jnp.clip(jnp.sum((q - a) * e, axis=-1) / jnp.sum(e * e), 0.0, 1.0)
+    side = q - (a + u[..., None] * e)
+    dist = jnp.sqrt(jnp.minimum(jnp.sum(base**2, -1), jnp.sum(side**2, -1)))
+    # Inside: above the base and on the axis side of the slanted edge.
+    cross = e[0] * (y - a[1]) - e[1] * (r - a[0])  # > 0 on the axis side
+    inside = (y > -h) & (cross > 0)
+    return jnp.where(inside, -dist, dist)
+
+
+SDFS = (sdf_sphere, sdf_cube, sdf_torus, sdf_cone, sdf_cylinder)
+
+
+def sdf(shape: jax.Array, p: jax.Array) -> jax.Array:
+    """The SDF of primitive `shape` (traced int) at points p [..., 3]."""
+    return jax.lax.switch(shape, SDFS, p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering.
+
+
+def _rotation_y(angle: jax.Array) -> jax.Array:
+    c, s = jnp.cos(angle), jnp.sin(angle)
+    return jnp.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
+
+
+def _rotation_x(angle: jax.Array) -> jax.Array:
+    c, s = jnp.cos(angle), jnp.sin(angle)
+    return jnp.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+
+
+def _orbit_camera(azimuth: jax.Array, elevation: jax.Array, distance: jax.Array,
+                  size: int, fovy_deg: float) -> tuple[jax.Array, jax.Array]:
+    """Ray origins and unit directions [size*size, 3] of a pinhole camera looking at 0, y up."""
+    eye = distance * jnp.array([jnp.cos(elevation) * jnp.sin(azimuth), jnp.sin(elevation),
+                                jnp.cos(elevation) * jnp.cos(azimuth)])
+    forward = -eye / jnp.linalg.norm(eye)
+    right = jnp.cross(forward, jnp.array([0.0, 1.0, 0.0]))
+    right = right / jnp.linalg.norm(right)
+    up = jnp.cross(right, forward)
+    focal = 0.5 * size / np.tan(0.5 * np.deg2rad(fovy_deg))
+    coords = (jnp.arange(size) + 0.5 - 0.5 * size) / focal
+    u, v = jnp.meshgrid(coords, -coords)  # v: image rows go down, world up goes up
+    dirs = (u[..., None] * right + v[..., None] * up + forward).reshape(-1, 3)
+    dirs = dirs / jnp.linalg.norm(dirs, axis=-1, keepdims=True)
+    return jnp.broadcast_to(eye, dirs.shape), dirs
+
+
+def render_example(key: jax.Array, shape: jax.Array, colour: jax.Array,
+                   resolution: int) -> jax.Array:
+    """One render, float32 [resolution, resolution, 3] in [0, 1]."""
+    ks = jax.random.split(key, 9)
+    u = lambda k, lo, hi: jax.random.uniform(k, (), minval=lo, maxval=hi)  # noqa: E731
+    azimuth = u(ks[0], 0.0, 2 * np.pi)
+    elevation = jnp.deg2rad(u(ks[1], *CAMERA_ELEVATION_DEG))
+    distance = u(ks[2], *CAMERA_DISTANCE)
+    yaw = u(ks[3], 0.0, 2 * np.pi)
+    tilt = jnp.where(shape == SHAPES.index("torus"), u(ks[4], np.pi / 9, np.pi / 3), 0.0)
+    scale = u(ks[5], 0.85, 1.1)
+    rot = _rotation_y(yaw) @ _rotation_x(tilt)  # object -> world
+    albedo = jnp.asarray(list(COLOURS.values()))[colour]
+    albedo = jnp.clip(albedo * (1.0 + 0.08 * jax.random.normal(ks[6], (3,))), 0.0, 1.0)
+    light_az = azimuth + u(ks[7], -1.2, 1.2)
+    light_el = u(ks[8], 0.3, 1.2)
+    light = jnp.array([jnp.cos(light_el) * jnp.sin(light_az), jnp.sin(light_el),
+                       jnp.cos(light_el) * jnp.cos(light_az)])
+    k_amb, k_bg = jax.random.split(jax.random.fold_in(key, 1))
+    ambient = u(k_amb, 0.25, 0.45)
+    background = u(k_bg, *BACKGROUND)
+
+    size = resolution * SUPERSAMPLE
+    origins, dirs = _orbit_camera(azimuth, elevation, distance, size, FOVY_DEG)
+
+    def field(p):  # world points -> SDF of the scaled, rotated object
+        return sdf(shape, (p @ rot) / scale) * scale
+
+    def march(_, t):
+        return t + field(origins + t[:, None] * dirs)
+
+    t = jax.lax.fori_loop(0, MARCH_STEPS, march, jnp.full(dirs.shape[0], distance - 1.0))
+    p = origins + t[:, None] * dirs
+    hit = (jnp.abs(field(p)) < 2e-3) & (t < distance + 1.0)
+    eps = 1e-3
+    offsets = jnp.eye(3) * eps
+    grad = jnp.stack([field(p + o) - field(p - o) for o in offsets], axis=-1)
+    normal = grad / (jnp.linalg.norm(grad, axis=-1, keepdims=True) + 1e-9)
+    diffuse = jnp.maximum(normal @ light, 0.0)
+    reflect = 2.0 * diffuse[:, None] * normal - light
+    specular = jnp.maximum(jnp.sum(reflect * -dirs, -1), 0.0) ** 16 * (diffuse > 0)
+    colour_rgb = albedo * (ambient + (1.0 - ambient) * diffuse[:, None]) + 0.15 * specular[:, None]
+    image = jnp.where(hit[:, None], colour_rgb, background)
+    image = image.reshape(resolution, SUPERSAMPLE, resolution, SUPERSAMPLE, 3).mean((1, 3))
+    return jnp.clip(image, 0.0, 1.0)
+
+
+@functools.partial(jax.jit, static_argnames=("resolution",))
+def _render_chunk(key: jax.Array, indices: jax.Array, resolution: int) -> jax.Array:
+    shape, colour = indices % NUM_CLASSES % len(SHAPES), indices % NUM_CLASSES // len(SHAPES)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
+    return jax.vmap(render_example, in_axes=(0, 0, 0, None))(keys, shape, colour, resolution)
+
+
+def render(seed: int, split: str, indices: Sequence[int] | np.ndarray,
+           resolution: int = 32, chunk: int = 256) -> np.ndarray:
+    """uint8 renders [len(indices), resolution, resolution, 3] of examples `indices` of `split`."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), SPLITS[split])
+    indices = np.asarray(indices, np.int64)
+    out = np.empty((len(indices), resolution, resolution, 3), np.uint8)
+    for i in range(0, len(indices), chunk):
+        idx = indices[i:i + chunk]
+        padded = np.concatenate([idx, np.repeat(idx[-1:], chunk - len(idx))])
+        images = np.asarray(_render_chunk(key, jnp.asarray(padded, jnp.int32), resolution))
+        out[i:i + len(idx)] = np.round(images[:len(idx)] * 255.0).astype(np.uint8)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The tfds builder.
+
+
+class ShapesDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Rendered primitives with captions, one tfds split per entry of `SPLITS`."""
+
+    name = "lmc_shapes"
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "5 shapes x 5 colours, sphere-traced SDFs, 2x2 supersampled."}
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> None:
+        """No code folder, hence no checksums file (see `lmc_jax.data.folder.ImageFolder`)."""
+        return None
+
+    def __init__(self, *, sizes: dict[str, int], resolution: int = 32, seed: int = 0,
+                 data_dir: str):
+        unknown = set(sizes) - set(SPLITS)
+        if unknown:
+            raise UserError(f"unknown shapes split(s) {sorted(unknown)}; use {list(SPLITS)}")
+        self._sizes = {k: int(v) for k, v in sizes.items()}
+        self._resolution = int(resolution)
+        self._seed = int(seed)
+        tag = "_".join(f"{k}{v}" for k, v in sorted(self._sizes.items()))
+        config = tfds.core.BuilderConfig(
+            name=f"res{resolution}_seed{seed}_{tag}",
+            description=f"{resolution}x{resolution} renders, seed {seed}, sizes {self._sizes}",
+        )
+        super().__init__(config=config, data_dir=data_dir, file_format="array_record")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        r = self._resolution
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Sphere-traced coloured primitives with captions (lmc_jax.data.shapes).",
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(r, r, 3), encoding_format="png"),
+                "shape": tfds.features.ClassLabel(names=list(SHAPES)),
+                "colour": tfds.features.ClassLabel(names=list(COLOURS)),
+                "caption": tfds.features.Text(),
+            }),
+            metadata=tfds.core.MetadataDict(),
+            disable_shuffling=True,  # example i stays at index i
+        )
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
+        return {split: self._generate_examples(split, n) for split, n in self._sizes.items()}
+
+    def _generate_examples(self, split: str, n: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        block = 1024
+        for start in range(0, n, block):
+            idx = np.arange(start, min(start + block, n))
+            images = render(self._seed, split, idx, self._resolution)
+            shapes, colours = class_of(idx)
+            for i, image, s, c in zip(idx, images, shapes, colours, strict=True):
+                yield int(i), {"image": Image.fromarray(image), "shape": int(s), "colour": int(c),
+                               "caption": caption(int(s), int(c))}
+
+
+def load_split(split: str, size: int, cache_dir: str, resolution: int = 32,
+               seed: int = 0) -> Any:
+    """The tfds data source of `split` (built under `cache_dir` on first use)."""
+    if size < 1:
+        raise UserError(f"the shapes split {split!r} needs at least one example, got {size}")
+    builder = ShapesDataset(sizes={split: size}, resolution=resolution, seed=seed,
+                            data_dir=os.path.expanduser(cache_dir))
+    builder.download_and_prepare()
+    return builder.as_data_source()[split]
+
+
+def load_arrays(split: str, size: int, cache_dir: str, resolution: int = 32,
+                seed: int = 0) -> dict[str, np.ndarray]:
+    """All of a split in memory: {'image' uint8 [N, r, r, 3], 'shape' [N], 'colour' [N]}."""
+    source = load_split(split, size, cache_dir, resolution, seed)
+    examples = source.__getitems__(list(range(len(source))))
+    return {
+        "image": np.stack([ex["image"] for ex in examples]),
+        "shape": np.asarray([ex["shape"] for ex in examples], np.int32),
+        "colour": np.asarray([ex["colour"] for ex in examples], np.int32),
+    }

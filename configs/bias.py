@@ -15,7 +15,9 @@ Presets:
 - `:gaussian`: the exact Gaussian prior of the testbed (32x32x3), fresh samples every step;
   ~2-4 minutes on 2 CPU cores.
 - `:mixture`: the conditional Gaussian mixture (4 colour classes), conditional b_psi.
-- `:tiny`: the tiny random SD-architecture prior on 1/f^2 Gaussian images (plumbing only).
+- `:embedded`: the embedded prior (lmc_jax.priors.embedded) on its training renders; this is
+  the b_psi shipped in lmc_jax/assets/embedded_prior/bias.
+- `:tiny`: the embedded prior again, a few steps (plumbing, for tests).
 """
 
 import ml_collections
@@ -24,15 +26,17 @@ from lmc_jax.config import parse_preset, prior_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    preset = parse_preset(arg, ["gaussian", "mixture", "tiny", "quick"], "bias")
+    preset = parse_preset(arg, ["gaussian", "mixture", "embedded", "tiny", "quick"], "bias")
     config = ml_collections.ConfigDict()
     config.app = "bias"
     config.seed = 0
     config.prior = prior_config("sd", path="", resolution=512)
     config.data = ml_collections.ConfigDict({
-        "source": "folder",  # folder | prior (sample the exact prior) | gaussian_images
+        # folder | prior (sample the exact prior) | gaussian_images | shapes (embedded prior)
+        "source": "folder",
         "path": "",  # folder: a directory of images (png/jpg/...)
-        "cache_dir": "",  # folder: where the array_record dataset and latents go (default workdir)
+        "cache_dir": "",  # folder/shapes: where the array_record dataset goes (default workdir)
+        "num_images": 4096,  # shapes: training renders used
     })
     config.bias = ml_collections.ConfigDict({
         "features": 32,
@@ -66,10 +70,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.train.steps = 300
         config.train.batch = 16
         config.log_every = 50
+    if preset in ("embedded", "tiny"):
+        config.prior = prior_config("embedded", resolution=32)
+        config.data.source = "shapes"
+        config.train.steps = 1500
+        config.log_every = 100
     if preset == "tiny":
-        config.prior = prior_config("tiny_sd", resolution=64)
-        config.data.source = "gaussian_images"
-        config.train.steps = 200
+        config.data.num_images = 256
+        config.train.steps = 100
         config.train.batch = 8
         config.log_every = 20
     return config

@@ -7,9 +7,10 @@
 `image` is any common format; it is converted to RGB and resized/center-cropped to the prior's
 size (with a message). DDS uses `source_prompt`; the other methods ignore it.
 
-Presets: default = Stable Diffusion from `prior.path`; `:tiny` (random tiny SD prior,
-plumbing only); `:mixture` (exact Gaussian mixture; with no `image`, a sample of the source
-class is edited: red -> blue). Add `_compare` (`:compare`, `:tiny_compare`,
+Presets: default = Stable Diffusion from `prior.path`; `:tiny` (the embedded prior of coloured
+shapes; with no `image`, a render of the source prompt is edited: a red cube -> a blue cube);
+`:mixture` (exact Gaussian mixture; with no `image`, a sample of the source class is edited:
+red -> blue). Add `_compare` (`:compare`, `:tiny_compare`,
 `:mixture_compare`) to run every method (SDS, LMC-SDS, DDS, NFSD, CSD) on the same image,
 seed and steps and write one labelled grid (methods x steps) and a metrics table.
 """
@@ -45,11 +46,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.clip_path = ""  # a FlaxCLIPModel folder or hub id for CLIP scores (else "unavailable")
     c.log_every = 50
     if base == "tiny":
-        c.prior = prior_config("tiny_sd", resolution=64)
-        c.guidance = guidance_config("sds", w=99.0)
-        c.methods = ("sds", "dds", "nfsd", "csd")  # no b_psi for the random tiny prior
-        c.steps = 20
-        c.log_every = 5
+        c.prompt = "a blue cube"
+        c.source_prompt = "a red cube"
+        c.prior = prior_config("embedded", resolution=32)
+        c.guidance = guidance_config("lmc", w=7.5, bias="learned", bias_path="embedded",
+                                     negative_prompt="a red cube")
+        c.steps = 100
     if base == "mixture":
         c.prompt = "blue"
         c.source_prompt = "red"

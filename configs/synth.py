@@ -4,7 +4,8 @@
         --config.prompt="green"
 
 Presets: default = Stable Diffusion from `prior.path` (a local diffusers folder or hub id);
-`:tiny` = random tiny SD-architecture prior (offline, proves the plumbing, seconds on a CPU);
+`:tiny` = the embedded prior of coloured shapes (offline; prompts like "a yellow cone") with
+LMC-SDS and its shipped b_psi (seconds on a CPU; metrics.json holds the evaluator's scores);
 `:mixture` = the exact Gaussian-mixture prior (prompts: red, green, blue, yellow; seconds).
 """
 
@@ -30,9 +31,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every = 50
     config.parallel = ml_collections.ConfigDict({"model_axis": 1})  # >1: split the prior
     if preset == "tiny":
-        config.prior = prior_config("tiny_sd", resolution=64)
-        config.steps = 20
-        config.log_every = 5
+        config.prompt = "a yellow cone"
+        config.prior = prior_config("embedded", resolution=32)
+        config.guidance = guidance_config("lmc", w=7.5, bias="learned", bias_path="embedded")
+        config.steps = 200
+        config.lr = 0.05
+        config.log_every = 50
     elif preset == "mixture":
         config.prompt = "red"
         config.prior = prior_config("gaussian_mixture", resolution=32)

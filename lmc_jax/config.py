@@ -19,16 +19,19 @@ def prior_config(name: str = "gaussian", **overrides) -> ml_collections.ConfigDi
     """The `prior` section.
 
     name: 'gaussian' (exact, one component), 'gaussian_mixture' (exact, coloured classes
-      selected by the prompt), 'tiny_sd' (random SD-architecture, offline) or 'sd' (Stable
-      Diffusion from `path`: a local diffusers folder or a hub id).
+      selected by the prompt), 'tiny_sd' (random SD-architecture, offline), 'embedded' (the
+      shipped 32x32 text-to-image prior of coloured shapes, offline; `path` may point at
+      another folder made by configs/train_prior.py) or 'sd' (Stable Diffusion from `path`: a
+      local diffusers folder or a hub id).
     """
     cfg = ml_collections.ConfigDict({
         "name": name,
         "resolution": 32,  # gaussian*: image size; tiny_sd: image size (latents are /2)
         "variance": 0.25,  # gaussian*: pixel variance of the data
-        # sd: a local diffusers folder or a hub id (stabilityai/stable-diffusion-2-1-base)
+        # sd: a local diffusers folder or a hub id (stabilityai/stable-diffusion-2-1-base);
+        # embedded: empty for the shipped prior, or a folder from configs/train_prior.py
         "path": "",
-        "dtype": "float32",  # sd / tiny_sd: 'float32' or 'bfloat16'
+        "dtype": "float32",  # sd / tiny_sd / embedded: 'float32' or 'bfloat16'
         "from_pt": False,  # sd: the folder holds PyTorch weights only
         "seed": 0,  # tiny_sd: init seed
     })
@@ -52,7 +55,8 @@ def guidance_config(method: str = "lmc", **overrides) -> ml_collections.ConfigDi
         "t_max_final": 500,
         "fixed_noise": False,  # draw eps (and the t-schedule's offset) once per run
         "bias": "exact",  # lmc: 'exact' (Gaussian prior's closed form) or 'learned'
-        "bias_path": "",  # lmc with bias='learned': a trained b_psi folder
+        # lmc with bias='learned': a trained b_psi folder ('embedded': the embedded prior's)
+        "bias_path": "",
         "nfsd_threshold": 200,
         "negative_prompt": ("unrealistic, blurry, low quality, out of focus, ugly, low contrast,"
                             " dull, dark, low-resolution, gloomy"),

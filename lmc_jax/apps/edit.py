@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from lmc_jax import io
-from lmc_jax.apps.optimize import make_optimizer, optimize_x
+from lmc_jax.apps.optimize import evaluator_scores, make_optimizer, optimize_x
 from lmc_jax.config import require_positive, require_prompt
 from lmc_jax.errors import UserError
 from lmc_jax.guidance import Conditioning
@@ -31,9 +31,19 @@ from lmc_jax.writer import MetricWriter
 def load_source_image(path: str, prior: Prior, source_prompt: str, key: jax.Array) -> jax.Array:
     """The image to edit, [1, H, W, 3] in [-1, 1] at the prior's image size."""
     h = prior.image_shape[0]
+    if not path and prior.bias_fn is None:
+        from lmc_jax.data import shapes
+        from lmc_jax.metrics.shapes_eval import parse_prompt
+
+        try:  # the embedded prior: a held-out render of the source prompt
+            shape, colour = parse_prompt(source_prompt)
+        except UserError:
+            raise UserError("no image given; pass --config.image=PATH (png, jpg, webp, ...)"
+                            ) from None
+        index = colour * len(shapes.SHAPES) + shape
+        pixels = shapes.render(0, "eval_test", [index], resolution=h)
+        return jnp.asarray(pixels, jnp.float32) / 127.5 - 1.0
     if not path:
-        if prior.bias_fn is None:
-            raise UserError("no image given; pass --config.image=PATH (png, jpg, webp, ...)")
         from lmc_jax.priors import gaussian
 
         label = int(np.argmax(np.asarray(prior.embed_text([source_prompt])[0])))
@@ -97,6 +107,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             grad_scale=config.grad_scale, snapshot_steps=snapshot_steps,
             log_every=config.log_every, desc=f"edit {method}", writer=writer, tag=f"{method}/")
         m = image_metrics(np.asarray(prior.decode(x)), np.asarray(source), prior, prompt)
+        m.update(evaluator_scores(prior.name, np.asarray(prior.decode(x)), prompt))
         m["seconds_per_step"] = (time.time() - start) / config.steps
         metrics[method] = {**m, **scalars}
         rows.append((method, io.to_uint8(np.concatenate(snaps))))
@@ -130,6 +141,8 @@ def _add_clip_scores(clip_path: str, metrics: dict, finals: dict, prompt: str) -
 
 def image_metrics_keys(prior: Prior) -> list[str]:
     keys = ["colorfulness", "dist_to_source", "seconds_per_step"]
+    if prior.name.startswith("embedded"):
+        keys += ["eval_accuracy"]
     return sorted(keys + (["saturation", "target_acc"] if prior.bias_fn is not None else []))
 
 

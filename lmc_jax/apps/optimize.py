@@ -23,6 +23,25 @@ from lmc_jax.guidance.from_config import noise_for_step
 from lmc_jax.priors.base import Prior
 
 
+def evaluator_scores(prior_name: str, images: np.ndarray, prompt: str) -> dict:
+    """The shipped shape-and-colour evaluator's figures for `images` ([N, H, W, 3] in [-1, 1])
+    made for `prompt` with the embedded prior: `eval_accuracy` (shape and colour both right)
+    and `eval_r_precision` (against all 25 shape-colour prompts); `{}` for other priors
+    (`prior_name` not 'embedded...'), prompts the evaluator cannot read, or no evaluator."""
+    if not prior_name.startswith("embedded"):
+        return {}
+    from lmc_jax.metrics import shapes_eval
+
+    try:
+        shapes_eval.parse_prompt(prompt)
+        evaluator = shapes_eval.load_shipped_evaluator()
+    except UserError:
+        return {}
+    images = np.clip(np.asarray(images, np.float32), -1.0, 1.0)
+    return {"eval_accuracy": shapes_eval.accuracy(evaluator, images, prompt),
+            "eval_r_precision": shapes_eval.r_precision(evaluator, images, prompt)}
+
+
 def make_optimizer(name: str, lr: float) -> optax.GradientTransformation:
     if name == "adam":
         return optax.adam(lr)

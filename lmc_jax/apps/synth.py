@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from lmc_jax import io, parallel
-from lmc_jax.apps.optimize import make_optimizer, optimize_x
+from lmc_jax.apps.optimize import evaluator_scores, make_optimizer, optimize_x
 from lmc_jax.config import require_positive, require_prompt
 from lmc_jax.guidance import Conditioning
 from lmc_jax.guidance.from_config import build_guidance
@@ -66,6 +66,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     colours = np.concatenate(finals).astype(np.float32).mean(axis=(0, 1, 2)) / 127.5 - 1.0
     metrics.update(seconds=time.time() - start, steps=config.steps,
                    mean_colour=[float(v) for v in colours])
+    metrics.update(evaluator_scores(
+        prior.name, np.concatenate(finals).astype(np.float32) / 127.5 - 1.0, prompt))
     if main:
         io.write_json(os.path.join(workdir, "metrics.json"), metrics)
     return metrics

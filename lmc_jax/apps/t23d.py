@@ -74,8 +74,8 @@ def validate(config: ml_collections.ConfigDict, prior: Prior) -> str:
                         + (f" that divides {img}" if prior.kind == "pixel" else ""))
     if config.render.prior_input != "encode":
         raise UserError(f"render.prior_input={config.render.prior_input!r}; only 'encode' exists")
-    if config.shading.background not in ("random", "mlp"):
-        raise UserError(f"shading.background must be 'random' or 'mlp', got "
+    if config.shading.background not in BACKGROUNDS:
+        raise UserError(f"shading.background must be one of {list(BACKGROUNDS)}, got "
                         f"{config.shading.background!r}")
     return prompt
 
@@ -122,8 +122,12 @@ def make_step(config, prior: Prior, field: MLPField, background, opt, emb_views,
         if sc.background == "mlp":
             bg = background.apply(params["background"], directions)
         else:
-            bg = jnp.broadcast_to(shading.random_solid_background(k_bg, (b,))[:, None, None],
-                                  directions.shape)
+            if sc.background == "grey":  # a plain grey, like the embedded prior's renders
+                lo, hi = sc.grey_range
+                solid = jnp.repeat(jax.random.uniform(k_bg, (b, 1), minval=lo, maxval=hi), 3, -1)
+            else:
+                solid = shading.random_solid_background(k_bg, (b,))
+            bg = jnp.broadcast_to(solid[:, None, None], directions.shape)
         out = render_rays(field, params["field"], k_ray, origins, directions, radii,
                           scene_radius=rc.scene_radius, num_coarse=rc.num_coarse,
                           num_fine=rc.num_fine, randomized=True,
@@ -172,8 +176,10 @@ def make_step(config, prior: Prior, field: MLPField, background, opt, emb_views,
     return lambda state: jitted(state, consts)
 
 
-def render_orbit(field: MLPField, params, config, num: int, size: int, elevation: float = 15.0):
-    """Deterministic albedo-shaded views on a 360-degree orbit, uint8 [N, size, size, 3]."""
+def render_orbit(field: MLPField, params, config, num: int, size: int, elevation: float = 15.0,
+                 background: float = 1.0):
+    """Deterministic lambertian views (light at the camera) on a 360-degree orbit, on a grey
+    level `background`: uint8 [N, size, size, 3]."""
     rc = config.render
     cams = cameras.orbit_video_cameras(num, elevation=elevation,
                                        distance=float(np.mean(config.camera.distance_range)),
@@ -184,7 +190,8 @@ def render_orbit(field: MLPField, params, config, num: int, size: int, elevation
         o, d, r = cameras.generate_rays(c2w[None], fovy[None], size, size)
         out = render_rays(field, p, None, o, d, r, scene_radius=rc.scene_radius,
                           num_coarse=rc.num_coarse, num_fine=rc.num_fine, randomized=False,
-                          shading_mode=1, light_position=o, background=jnp.ones(3),
+                          shading_mode=1, light_position=o,
+                          background=jnp.full(3, background, jnp.float32),
                           compute_normals=True)
         return out["rgb"][0]
 
@@ -193,6 +200,9 @@ def render_orbit(field: MLPField, params, config, num: int, size: int, elevation
     frames = [np.asarray(one(p, cams["c2w"][i], cams["fovy"][i])) for i in range(num)]
     return io.to_uint8(np.stack(frames), 0.0, 1.0)
 
+
+BACKGROUNDS = ("random", "mlp", "grey")
+EVAL_VIEWS = 8  # views on an orbit at elevation 20 degrees for the evaluator's scores
 
 # Config keys that fix the shapes of the checkpointed state: a resume must not change them.
 FIXED_KEYS = ("field.",)
@@ -273,6 +283,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     out = {}
     if parallel.is_main_process():
         out = write_outputs(field, state.params, config, workdir)
+        out.update(evaluate_views(field, state.params, config))
     result = {k: float(v) for k, v in res["metrics"].items()}
     result.update(out, train_seconds=train_seconds, steps=config.steps,
                   seconds_per_step=train_seconds / max(config.steps - res["start_step"], 1))
@@ -301,3 +312,32 @@ def write_outputs(field: MLPField, params, config, workdir: str) -> dict:
     export.write_ply(os.path.join(workdir, "mesh.ply"), v, f, c)
     out.update(mesh_vertices=len(v), mesh_faces=len(f))
     return out
+
+
+def evaluate_views(field: MLPField, params, config) -> dict:
+    """The shape-and-colour evaluator's scores of `EVAL_VIEWS` orbit views of the result.
+
+    With the embedded prior and a prompt the evaluator reads ("a green torus";
+    lmc_jax.metrics.shapes_eval): the fraction of views classified as the prompt
+    (`eval_accuracy`), R-precision against all 25 shape-colour prompts (`eval_r_precision`),
+    and the views' colourfulness over that of held-out training renders of the same prompt
+    (`colourfulness_ratio`: 1 is right, > 1 over-saturated). Otherwise `{}`.
+    """
+    from lmc_jax.apps.optimize import evaluator_scores
+    from lmc_jax.data import shapes
+    from lmc_jax.metrics.color import colorfulness
+    from lmc_jax.metrics.shapes_eval import parse_prompt
+
+    grey = float(np.mean(shapes.BACKGROUND))
+    views = render_orbit(field, params, config, EVAL_VIEWS, 32, elevation=20.0, background=grey)
+    x = views.astype(np.float32) / 127.5 - 1.0
+    scores = evaluator_scores(config.prior.name, x, config.prompt)
+    if not scores:
+        return {}
+    shape, colour = parse_prompt(config.prompt)
+    k = colour * len(shapes.SHAPES) + shape
+    refs = shapes.render(0, "eval_test", np.arange(k, k + 16 * shapes.NUM_CLASSES,
+                                                   shapes.NUM_CLASSES))
+    ref_c = float(jnp.mean(colorfulness(jnp.asarray(refs.astype(np.float32) / 127.5 - 1.0))))
+    views_c = float(jnp.mean(colorfulness(jnp.asarray(x))))
+    return {**scores, "colourfulness": views_c, "colourfulness_ratio": views_c / ref_c}

@@ -23,7 +23,6 @@ import time
 from typing import Any
 
 import flax.struct
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -105,20 +104,6 @@ def make_train_step(unet: Any, text_encoder: Any, opt: optax.GradientTransformat
     return jax.jit(step)
 
 
-def _batches(n: int, batch: int, seed: int):
-    """`indices(step)`: grain's per-epoch shuffle of range(n), no batch straddling two epochs."""
-    order = grain.MapDataset.range(n).shuffle(
-        seed=int(np.random.SeedSequence(seed).generate_state(1)[0]))
-    per_epoch = n // batch
-
-    def indices(step: int) -> np.ndarray:
-        epoch, k = divmod(int(step), per_epoch)
-        start = epoch * n + k * batch
-        return np.asarray([order[start + j] for j in range(batch)])
-
-    return indices
-
-
 def sample_grid(prior, key: jax.Array, w: float, steps: int, per_class: int = 1):
     """DDIM samples for every 'a {colour} {shape}' prompt: (uint8 [25*per_class,...], prompts)."""
     prompts = [shapes.caption(s, c) for c in range(len(shapes.COLOURS))
@@ -163,7 +148,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     key = jax.random.PRNGKey(config.seed)
     step_fn = make_train_step(unet, text_encoder, opt, alphas_cumprod, config.ema,
                               config.cond_dropout)
-    indices = _batches(n, config.batch, config.seed)
+    indices = shapes.epoch_indices(n, config.batch, config.seed)
     table_j, null_j = jnp.asarray(table), jnp.asarray(null_ids)
     losses = []
     try:

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -157,7 +158,9 @@ SDFS = (sdf_sphere, sdf_cube, sdf_torus, sdf_cone, sdf_cylinder)
 
 
 def sdf(shape: jax.Array, p: jax.Array) -> jax.Array:
-    """The SDF of primitive `shape` (traced int) at points p [..., 3]."""
+    """The SDF of primitive `shape` (a Python int, or a traced int: a switch) at p [..., 3]."""
+    if isinstance(shape, int):
+        return SDFS[shape](p)
     return jax.lax.switch(shape, SDFS, p)
 
 
@@ -201,7 +204,8 @@ def render_example(key: jax.Array, shape: jax.Array, colour: jax.Array,
     elevation = jnp.deg2rad(u(ks[1], *CAMERA_ELEVATION_DEG))
     distance = u(ks[2], *CAMERA_DISTANCE)
     yaw = u(ks[3], 0.0, 2 * np.pi)
-    tilt = jnp.where(shape == SHAPES.index("torus"), u(ks[4], np.pi / 9, np.pi / 3), 0.0)
+    tilt = jnp.where(jnp.asarray(shape) == SHAPES.index("torus"),
+                     u(ks[4], np.pi / 9, np.pi / 3), 0.0)
     scale = u(ks[5], 0.85, 1.1)
     rot = _rotation_y(yaw) @ _rotation_x(tilt)  # object -> world
     albedo = jnp.asarray(list(COLOURS.values()))[colour]
@@ -239,26 +243,32 @@ def render_example(key: jax.Array, shape: jax.Array, colour: jax.Array,
     return jnp.clip(image, 0.0, 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("resolution",))
-def _render_chunk(key: jax.Array, indices: jax.Array, resolution: int) -> jax.Array:
-    shape, colour = indices % NUM_CLASSES % len(SHAPES), indices % NUM_CLASSES // len(SHAPES)
+@functools.partial(jax.jit, static_argnames=("resolution", "shape"))
+def _render_chunk(key: jax.Array, indices: jax.Array, resolution: int, shape: int) -> jax.Array:
+    """Renders examples `indices` that all have primitive `shape` (static: one SDF is traced,
+    not a select over all five)."""
+    colour = indices % NUM_CLASSES // len(SHAPES)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
-    return jax.vmap(render_example, in_axes=(0, 0, 0, None))(keys, shape, colour, resolution)
+    return jax.vmap(render_example, in_axes=(0, None, 0, None))(keys, shape, colour, resolution)
 
 
 def render(seed: int, split: str, indices: Sequence[int] | np.ndarray,
-           resolution: int = 32, chunk: int = 256) -> np.ndarray:
+           resolution: int = 32, chunk: int = 128) -> np.ndarray:
     """uint8 renders [len(indices), resolution, resolution, 3] of examples `indices` of `split`."""
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
     key = jax.random.fold_in(jax.random.PRNGKey(seed), SPLITS[split])
     indices = np.asarray(indices, np.int64)
     out = np.empty((len(indices), resolution, resolution, 3), np.uint8)
-    for i in range(0, len(indices), chunk):
-        idx = indices[i:i + chunk]
-        padded = np.concatenate([idx, np.repeat(idx[-1:], chunk - len(idx))])
-        images = np.asarray(_render_chunk(key, jnp.asarray(padded, jnp.int32), resolution))
-        out[i:i + len(idx)] = np.round(images[:len(idx)] * 255.0).astype(np.uint8)
+    shape_of = class_of(indices)[0]
+    for s in range(len(SHAPES)):
+        where = np.flatnonzero(shape_of == s)
+        for i in range(0, len(where), chunk):
+            pos = where[i:i + chunk]
+            idx = indices[pos]
+            padded = np.concatenate([idx, np.repeat(idx[-1:], chunk - len(idx))])
+            images = np.asarray(_render_chunk(key, jnp.asarray(padded, jnp.int32), resolution, s))
+            out[pos] = np.round(images[:len(idx)] * 255.0).astype(np.uint8)
     return out
 
 
@@ -344,3 +354,50 @@ def load_arrays(split: str, size: int, cache_dir: str, resolution: int = 32,
         "shape": np.asarray([ex["shape"] for ex in examples], np.int32),
         "colour": np.asarray([ex["colour"] for ex in examples], np.int32),
     }
+
+
+def epoch_indices(n: int, batch: int, seed: int) -> Callable[[int], np.ndarray]:
+    """`indices(step)` [batch]: grain's shuffle of range(n) for each epoch, batches never
+    straddling two epochs, so a step's batch depends only on `(n, batch, seed, step)`."""
+    if n < batch:
+        raise UserError(f"{n} examples are fewer than the batch size {batch}")
+    order = grain.MapDataset.range(n).shuffle(
+        seed=int(np.random.SeedSequence(int(seed) % 2**32).generate_state(1)[0]))
+    per_epoch = n // batch
+
+    def indices(step: int) -> np.ndarray:
+        epoch, k = divmod(int(step), per_epoch)
+        start = epoch * n + k * batch  # grain's shuffle: index e*n + i is epoch e's i-th sample
+        return np.asarray([order[start + j] for j in range(batch)])
+
+    return indices
+
+
+def shapes_source(cfg: Any, prior: Any, batch: int, seed: int, conditional: bool,
+                  workdir: str) -> Callable[[int], tuple[jax.Array, jax.Array]]:
+    """`batch(step) -> (x, emb)`: training renders (data.num_images of the 'train' split, in the
+    prior's x space) and the embedding of their canonical caption (`conditional`) or of ""."""
+    h, w, c = prior.image_shape
+    if h != w or c != 3:
+        raise UserError(f"data.source='shapes' needs square RGB images; {prior.name!r} takes "
+                        f"{h}x{w}x{c}")
+    cache_dir = os.path.expanduser(cfg.get("cache_dir", "") or os.path.join(workdir, "data"))
+    data = load_arrays("train", int(cfg.get("num_images", 4096)), cache_dir, h)
+    images = data["image"].astype(np.float32) / 127.5 - 1.0
+    if prior.kind == "latent":
+        images = np.concatenate([np.asarray(prior.encode(jnp.asarray(images[i:i + 16])))
+                                 for i in range(0, len(images), 16)])
+    labels = data["colour"] * len(SHAPES) + data["shape"]
+    if conditional:
+        captions = [caption(k % len(SHAPES), k // len(SHAPES)) for k in range(NUM_CLASSES)]
+        table = prior.embed_text(captions)
+    else:
+        table = jnp.broadcast_to(prior.embed_text([""]), (NUM_CLASSES,) +
+                                 prior.embed_text([""]).shape[1:])
+    indices = epoch_indices(len(images), batch, seed)
+
+    def get(step: int) -> tuple[jax.Array, jax.Array]:
+        idx = indices(step)
+        return jnp.asarray(images[idx]), table[jnp.asarray(labels[idx])]
+
+    return get

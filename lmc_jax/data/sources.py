@@ -8,6 +8,7 @@ A source is a function `batch(step) -> (x [B, *x_shape], emb [B, ...])`, determi
 - 'gaussian_images': images with a 1/(f^2 + 1) spectrum at the prior's image size, passed
   through `prior.encode` (a stand-in for natural images where none are available).
 - 'folder': a directory of images (see `lmc_jax.data.folder`).
+- 'shapes': renders of the embedded prior's training set (see `lmc_jax.data.shapes`).
 """
 
 from __future__ import annotations
@@ -57,9 +58,13 @@ def make_source(cfg: ml_collections.ConfigDict, prior: Prior, batch: int, seed: 
 
         emb = jnp.broadcast_to(null, (batch, *null.shape[1:]))
         return lambda step: (prior.encode(draw_images(jnp.asarray(step))), emb)
+    if cfg.source == "shapes":
+        from lmc_jax.data.shapes import shapes_source
+
+        return shapes_source(cfg, prior, batch, seed, conditional, workdir)
     if cfg.source == "folder":
         from lmc_jax.data.folder import folder_source
 
         return folder_source(cfg, prior, batch, seed, workdir)
-    raise UserError(f"unknown data.source {cfg.source!r}; choose 'folder', 'prior' or "
-                    "'gaussian_images'")
+    raise UserError(f"unknown data.source {cfg.source!r}; choose 'folder', 'prior', "
+                    "'gaussian_images' or 'shapes'")

@@ -17,7 +17,8 @@ def build_guidance(prior: Prior, gcfg: ml_collections.ConfigDict
     """Returns `(fn, hp)`: the method's function and its static hyper-parameters.
 
     For LMC-SDS, `guidance.bias` picks the deficiency model: 'exact' (the Gaussian prior's
-    closed form) or 'learned' (a b_psi folder at `guidance.bias_path`, checked against the prior).
+    closed form) or 'learned' (a b_psi folder at `guidance.bias_path`, checked against the prior;
+    'embedded' names the b_psi shipped with the embedded prior).
     """
     if gcfg.method not in METHODS:
         raise UserError(f"unknown guidance.method {gcfg.method!r}; choose one of {sorted(METHODS)}")
@@ -40,7 +41,12 @@ def build_guidance(prior: Prior, gcfg: ml_collections.ConfigDict
                                 "--config.guidance.method=sds)")
             from lmc_jax.bias.store import load_bias
 
-            bias_fn = load_bias(gcfg.bias_path, prior)[2]
+            path = gcfg.bias_path
+            if path == "embedded":  # the b_psi shipped with the embedded prior
+                from lmc_jax.priors.embedded import embedded_path
+
+                path = str(embedded_path() / "bias")
+            bias_fn = load_bias(path, prior)[2]
         else:
             raise UserError(f"guidance.bias must be 'exact' or 'learned', got {gcfg.bias!r}")
     hp = GuidanceParams(w=float(gcfg.w), weighting=gcfg.weighting, bias_fn=bias_fn,

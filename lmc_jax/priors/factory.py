@@ -7,7 +7,7 @@ import ml_collections
 from lmc_jax.errors import UserError
 from lmc_jax.priors.base import Prior
 
-PRIOR_NAMES = ("gaussian", "gaussian_mixture", "tiny_sd", "sd")
+PRIOR_NAMES = ("gaussian", "gaussian_mixture", "tiny_sd", "embedded", "sd")
 
 
 def build_prior(cfg: ml_collections.ConfigDict) -> Prior:
@@ -25,6 +25,10 @@ def build_prior(cfg: ml_collections.ConfigDict) -> Prior:
         from lmc_jax.priors.sd import tiny_sd_prior
 
         return tiny_sd_prior(seed=cfg.seed, image_size=cfg.resolution, dtype=cfg.dtype)
+    if cfg.name == "embedded":
+        from lmc_jax.priors.embedded import embedded_prior
+
+        return embedded_prior(dtype=cfg.dtype, path=cfg.path or None)
     if cfg.name == "sd":
         from lmc_jax.priors.sd import load_stable_diffusion
 

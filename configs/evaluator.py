@@ -1,0 +1,44 @@
+"""Train the shape-and-colour evaluator used to score the embedded prior's images and views.
+
+    python -m lmc_jax.main --config=configs/evaluator.py --workdir=runs/evaluator
+
+Renders the 'eval_train' / 'eval_test' splits of `lmc_jax.data.shapes` (cached under
+data.cache_dir, default WORKDIR/data), trains `lmc_jax.metrics.shapes_eval.ShapeColourNet` and
+writes it to WORKDIR/evaluator (params.msgpack + evaluator.json) with its held-out shape, colour
+and joint accuracy in metrics.json. Ship it by copying WORKDIR/evaluator to
+lmc_jax/assets/embedded_prior/evaluator.
+
+Presets:
+- default: 6000 training and 1000 test renders, 3000 steps of batch 128 (70k-parameter CNN).
+  Measured on 2 CPU cores (shared with another job): ~5 min rendering (once; cached), ~9 min
+  training (~5.4 steps/s), held-out shape, colour and joint accuracy 1.0 on 1000 renders.
+- `:quick`: 200 + 50 renders at 16x16 (resized to 32x32), 20 steps: plumbing only,
+  ~25 s on 2 idle CPU cores, ~40 s on busy ones (mostly compiling the renderer and the step).
+"""
+
+import ml_collections
+
+from lmc_jax.config import parse_preset
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    preset = parse_preset(arg, ["quick"], "evaluator")
+    config = ml_collections.ConfigDict()
+    config.app = "evaluator"
+    config.seed = 0
+    config.data = ml_collections.ConfigDict({
+        "train_size": 6000,  # 'eval_train' renders
+        "test_size": 1000,  # held-out 'eval_test' renders
+        "resolution": 32,
+        "seed": 0,  # the dataset's seed (lmc_jax.data.shapes)
+        "cache_dir": "",  # where the rendered dataset goes (default WORKDIR/data)
+    })
+    config.model = ml_collections.ConfigDict({"features": (32, 32, 64, 64), "hidden": 64})
+    config.train = ml_collections.ConfigDict({"steps": 3000, "batch": 128, "lr": 3e-3})
+    if preset == "quick":
+        config.data.train_size = 200
+        config.data.test_size = 50
+        config.data.resolution = 16
+        config.train.steps = 20
+        config.train.batch = 32
+    return config

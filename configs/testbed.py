@@ -21,9 +21,9 @@ bias_error.png (error against t) and mixture.png, and prints a table.
 Measured (full run, 2 CPU cores shared with other jobs): 2633 s, of which 1469 s train the
 unconditional b_psi (3000 steps) and 957 s the conditional one (1500 steps); bias_rel_err 0.043,
 hf_retention_sds 0.004, hf_retention_lmc_exact 1.000, hf_retention_lmc 0.988, mixture:
-target_acc 1 / 1, saturation SDS 1.40 / LMC 0.86, mixture_bias_rel_err 0.40. Presets: `:quick` (a few
-hundred b_psi steps, fewer images: for tests and a first look, ~1 minute), `:exact` (part 1
-only, ~15 s).
+target_acc 1 / 1, saturation SDS 1.40 / LMC 0.86, mixture_bias_rel_err 0.40.
+Presets: `:quick` (a few hundred b_psi steps, fewer images: for tests and a first look,
+~1 minute), `:exact` (part 1 only, ~15 s).
 """
 
 import ml_collections

@@ -103,3 +103,18 @@ def test_synth_reaches_the_prompted_colour_and_fixed_noise_seeds_differ(tmp_path
     top, bottom = img[: img.shape[0] // 2], img[img.shape[0] // 2:]
     assert np.abs(top.mean() - bottom.mean()) < 20 and np.abs(top - bottom).mean() > 5
     assert any((tmp_path / "tensorboard").iterdir())  # TensorBoard scalars and images
+
+
+def test_tiny_presets_use_the_embedded_prior_and_its_evaluator(tmp_path):
+    c = _config("edit", "tiny")
+    assert c.prior.name == "embedded" and c.image == ""
+    c.steps = 3
+    c.snapshots = 2
+    c.log_every = 0
+    m = edit.run(c, str(tmp_path / "edit"))["lmc"]  # no image: a render of the source prompt
+    assert 0.0 <= m["eval_accuracy"] <= 1.0 and 0.0 <= m["eval_r_precision"] <= 1.0
+    s = _config("synth", "tiny")
+    s.steps = 3
+    s.log_every = 0
+    m = synth.run(s, str(tmp_path / "synth"))
+    assert 0.0 <= m["eval_accuracy"] <= 1.0 and 0.0 <= m["eval_r_precision"] <= 1.0

@@ -68,3 +68,23 @@ def test_default_preset_without_weights_says_where_to_get_them(tmp_path):
     c = _config("")
     with pytest.raises(UserError, match=":tiny"):
         t23d.run(c, str(tmp_path))
+
+
+def test_tiny_preset_uses_the_embedded_prior_and_reports_the_evaluator(tmp_path):
+    c = _config("tiny")
+    assert c.prior.name == "embedded" and c.guidance.bias_path == "embedded"
+    c.steps = 2
+    c.output.grid_every = 2
+    metrics = t23d.run(c, str(tmp_path))
+    for key in ("eval_accuracy", "eval_r_precision"):
+        assert 0.0 <= metrics[key] <= 1.0, metrics
+    assert metrics["colourfulness_ratio"] > 0
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["eval_r_precision"] == metrics["eval_r_precision"]
+
+
+def test_tiny_preset_rejects_words_the_prior_never_saw(tmp_path):
+    c = _config("tiny")
+    c.prompt = "a DSLR photo of a fox"
+    with pytest.raises(UserError, match="'fox'"):
+        t23d.run(c, str(tmp_path))

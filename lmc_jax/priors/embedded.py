@@ -155,34 +155,14 @@ def init_params(unet: Any, text_encoder: Any, seed: int) -> dict[str, Any]:
 
 def save_pipeline(directory: str | os.PathLike, unet: Any, text_encoder: Any, tokenizer: Any,
                   params: dict[str, Any], dtype: str = "float16") -> Path:
-    """Writes a VAE-less diffusers folder (model_index.json has `"vae": [null, null]`).
+    """Writes the VAE-less diffusers folder (model_index.json has `"vae": [null, null]`).
 
     `dtype='float16'` halves the files; the loader casts weights back to the prior's dtype.
     """
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    d = _compat.diffusers()
-    cast = lambda tree: jax.tree_util.tree_map(  # noqa: E731
-        lambda x: np.asarray(x, np.dtype(dtype)), tree)
-    unet.save_pretrained(out / "unet", params=cast(params["unet"]))
-    text_encoder.save_pretrained(out / "text_encoder", params=cast(params["text_encoder"]))
-    tokenizer.save_pretrained(out / "tokenizer")
-    (out / "scheduler").mkdir(exist_ok=True)
-    scheduler = {**SCHEDULER, "_diffusers_version": d.__version__}
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-    index = {
-        "_class_name": "FlaxStableDiffusionPipeline",
-        "_diffusers_version": d.__version__,
-        "unet": ["diffusers", "FlaxUNet2DConditionModel"],
-        "vae": [None, None],
-        "text_encoder": ["transformers", "FlaxCLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "FlaxDDPMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-    }
-    (out / "model_index.json").write_text(json.dumps(index, indent=2))
-    return out
+    from lmc_jax.priors import sd
+
+    cast = jax.tree_util.tree_map(lambda x: np.asarray(x, np.dtype(dtype)), params)
+    return sd.save_pipeline(directory, unet, None, text_encoder, tokenizer, cast, SCHEDULER)
 
 
 def embedded_prior(dtype: str = "float32", path: str | os.PathLike | None = None) -> Prior:

@@ -597,15 +597,17 @@ def _tiny_sd_prior(seed: int, image_size: int, dtype: str) -> Prior:
                          name=f"tiny_sd(seed={seed},{image_size}px,{dtype})")
 
 
-def save_tiny_pipeline(directory: str | os.PathLike, seed: int = 0, image_size: int = 64) -> Path:
-    """Writes the tiny pipeline as a diffusers folder that `load_stable_diffusion` reads."""
-    unet, vae, text_encoder, tokenizer, params, scheduler_config = _tiny_pipeline(
-        int(seed), int(image_size))
+def save_pipeline(directory: str | os.PathLike, unet: Any, vae: Any | None, text_encoder: Any,
+                  tokenizer: Any, params: dict[str, Any], scheduler_config: dict[str, Any]
+                  ) -> Path:
+    """Writes a diffusers folder that `load_stable_diffusion` reads; `vae=None` writes a
+    pixel-space pipeline (model_index.json: `"vae": [null, null]`)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     d = _compat.diffusers()
     unet.save_pretrained(out / "unet", params=params["unet"])
-    vae.save_pretrained(out / "vae", params=params["vae"])
+    if vae is not None:
+        vae.save_pretrained(out / "vae", params=params["vae"])
     text_encoder.save_pretrained(out / "text_encoder", params=params["text_encoder"])
     tokenizer.save_pretrained(out / "tokenizer")
     (out / "scheduler").mkdir(exist_ok=True)
@@ -615,7 +617,7 @@ def save_tiny_pipeline(directory: str | os.PathLike, seed: int = 0, image_size: 
         "_class_name": "FlaxStableDiffusionPipeline",
         "_diffusers_version": d.__version__,
         "unet": ["diffusers", "FlaxUNet2DConditionModel"],
-        "vae": ["diffusers", "FlaxAutoencoderKL"],
+        "vae": [None, None] if vae is None else ["diffusers", "FlaxAutoencoderKL"],
         "text_encoder": ["transformers", "FlaxCLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", "FlaxDDPMScheduler"],
@@ -626,10 +628,18 @@ def save_tiny_pipeline(directory: str | os.PathLike, seed: int = 0, image_size: 
     return out
 
 
+def save_tiny_pipeline(directory: str | os.PathLike, seed: int = 0, image_size: int = 64) -> Path:
+    """Writes the tiny pipeline as a diffusers folder that `load_stable_diffusion` reads."""
+    unet, vae, text_encoder, tokenizer, params, scheduler_config = _tiny_pipeline(
+        int(seed), int(image_size))
+    return save_pipeline(directory, unet, vae, text_encoder, tokenizer, params, scheduler_config)
+
+
 __all__ = [
     "alphas_cumprod_from_config",
     "load_stable_diffusion",
     "make_sd_prior",
+    "save_pipeline",
     "save_tiny_pipeline",
     "tiny_sd_prior",
 ]

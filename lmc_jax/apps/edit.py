@@ -112,7 +112,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         metrics[method] = {**m, **scalars}
         rows.append((method, io.to_uint8(np.concatenate(snaps))))
         finals[method] = np.asarray(prior.decode(x))
-        table.append([method] + [m[k] for k in sorted(m)])
+        table.append([method] + [m.get(k, "") for k in image_metrics_keys(prior)])
     writer.close()
     _add_clip_scores(config.clip_path, metrics, finals, prompt)
     grid = labelled_grid(rows)
@@ -120,8 +120,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 scale=max(1, 256 // prior.image_shape[0]))
     io.write_json(os.path.join(workdir, "metrics.json"), metrics)
     if table:
-        print(io.format_table(table, ["method"] + sorted(metrics[methods[0]].keys() & set(
-            image_metrics_keys(prior)))))
+        print(io.format_table(table, ["method"] + image_metrics_keys(prior)))
     return metrics
 
 
@@ -142,7 +141,7 @@ def _add_clip_scores(clip_path: str, metrics: dict, finals: dict, prompt: str) -
 def image_metrics_keys(prior: Prior) -> list[str]:
     keys = ["colorfulness", "dist_to_source", "seconds_per_step"]
     if prior.name.startswith("embedded"):
-        keys += ["eval_accuracy"]
+        keys += ["eval_accuracy", "eval_r_precision"]
     return sorted(keys + (["saturation", "target_acc"] if prior.bias_fn is not None else []))
 
 

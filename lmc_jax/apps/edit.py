@@ -40,8 +40,7 @@ def load_source_image(path: str, prior: Prior, source_prompt: str, key: jax.Arra
         except UserError:
             raise UserError("no image given; pass --config.image=PATH (png, jpg, webp, ...)"
                             ) from None
-        index = colour * len(shapes.SHAPES) + shape
-        pixels = shapes.render(0, "eval_test", [index], resolution=h)
+        pixels = shapes.render(0, "eval_test", [shapes.class_id(shape, colour)], resolution=h)
         return jnp.asarray(pixels, jnp.float32) / 127.5 - 1.0
     if not path:
         from lmc_jax.priors import gaussian

@@ -335,7 +335,7 @@ def evaluate_views(field: MLPField, params, config) -> dict:
     if not scores:
         return {}
     shape, colour = parse_prompt(config.prompt)
-    k = colour * len(shapes.SHAPES) + shape
+    k = shapes.class_id(shape, colour)
     refs = shapes.render(0, "eval_test", np.arange(k, k + 16 * shapes.NUM_CLASSES,
                                                    shapes.NUM_CLASSES))
     ref_c = float(jnp.mean(colorfulness(jnp.asarray(refs.astype(np.float32) / 127.5 - 1.0))))

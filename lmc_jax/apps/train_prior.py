@@ -57,7 +57,7 @@ def caption_table(tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
     """
     per_class: dict[int, list[str]] = {}
     for text, s, c in shapes.all_captions():
-        per_class.setdefault(c * len(shapes.SHAPES) + s, []).append(text)
+        per_class.setdefault(shapes.class_id(s, c), []).append(text)
     v = max(len(t) for t in per_class.values())
     rows = [(per_class[k] * v)[:v] for k in range(shapes.NUM_CLASSES)]
     enc = lambda texts: tokenizer(texts, padding="max_length",  # noqa: E731
@@ -65,11 +65,6 @@ def caption_table(tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
                                   return_tensors="np").input_ids
     table = np.stack([enc(r) for r in rows]).astype(np.int32)
     return table, enc([""])[0].astype(np.int32)
-
-
-def class_index(shape: np.ndarray, colour: np.ndarray) -> np.ndarray:
-    """The class id `colour * 5 + shape` (the inverse of `shapes.class_of`)."""
-    return colour * len(shapes.SHAPES) + shape
 
 
 def make_train_step(unet: Any, text_encoder: Any, opt: optax.GradientTransformation,
@@ -128,7 +123,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if n < config.batch:
         raise UserError(f"data.num_train={n} is smaller than batch={config.batch}")
     images = data["image"].astype(np.float32) / 127.5 - 1.0
-    labels = class_index(data["shape"], data["colour"])
+    labels = shapes.class_id(data["shape"], data["colour"])
 
     tok_dir = os.path.join(workdir, "tokenizer")
     embedded.write_word_tokenizer(tok_dir, shapes.vocabulary())

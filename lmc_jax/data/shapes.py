@@ -76,6 +76,11 @@ def class_of(index: np.ndarray | int) -> tuple[Any, Any]:
     return c % len(SHAPES), c // len(SHAPES)
 
 
+def class_id(shape: Any, colour: Any) -> Any:
+    """The class `colour * 5 + shape` of (shape, colour): the inverse of `class_of`."""
+    return colour * len(SHAPES) + shape
+
+
 def caption(shape: int, colour: int, template: int = 0, synonym: int = 0) -> str:
     """The caption of (shape, colour): `TEMPLATES[template]` with `SHAPE_WORDS[...][synonym]`."""
     words = SHAPE_WORDS[SHAPES[shape]]
@@ -157,13 +162,6 @@ def sdf_cone(p: jax.Array) -> jax.Array:
 SDFS = (sdf_sphere, sdf_cube, sdf_torus, sdf_cone, sdf_cylinder)
 
 
-def sdf(shape: jax.Array, p: jax.Array) -> jax.Array:
-    """The SDF of primitive `shape` (a Python int, or a traced int: a switch) at p [..., 3]."""
-    if isinstance(shape, int):
-        return SDFS[shape](p)
-    return jax.lax.switch(shape, SDFS, p)
-
-
 # ----------------------------------------------------------------------------------------------
 # Rendering.
 
@@ -195,17 +193,17 @@ def _orbit_camera(azimuth: jax.Array, elevation: jax.Array, distance: jax.Array,
     return jnp.broadcast_to(eye, dirs.shape), dirs
 
 
-def render_example(key: jax.Array, shape: jax.Array, colour: jax.Array,
+def render_example(key: jax.Array, shape: int, colour: jax.Array,
                    resolution: int) -> jax.Array:
-    """One render, float32 [resolution, resolution, 3] in [0, 1]."""
+    """One render of primitive `shape` (a Python int: only its SDF is traced), float32
+    [resolution, resolution, 3] in [0, 1]."""
     ks = jax.random.split(key, 9)
     u = lambda k, lo, hi: jax.random.uniform(k, (), minval=lo, maxval=hi)  # noqa: E731
     azimuth = u(ks[0], 0.0, 2 * np.pi)
     elevation = jnp.deg2rad(u(ks[1], *CAMERA_ELEVATION_DEG))
     distance = u(ks[2], *CAMERA_DISTANCE)
     yaw = u(ks[3], 0.0, 2 * np.pi)
-    tilt = jnp.where(jnp.asarray(shape) == SHAPES.index("torus"),
-                     u(ks[4], np.pi / 9, np.pi / 3), 0.0)
+    tilt = u(ks[4], np.pi / 9, np.pi / 3) if shape == SHAPES.index("torus") else 0.0
     scale = u(ks[5], 0.85, 1.1)
     rot = _rotation_y(yaw) @ _rotation_x(tilt)  # object -> world
     albedo = jnp.asarray(list(COLOURS.values()))[colour]
@@ -222,7 +220,7 @@ def render_example(key: jax.Array, shape: jax.Array, colour: jax.Array,
     origins, dirs = _orbit_camera(azimuth, elevation, distance, size, FOVY_DEG)
 
     def field(p):  # world points -> SDF of the scaled, rotated object
-        return sdf(shape, (p @ rot) / scale) * scale
+        return SDFS[shape]((p @ rot) / scale) * scale
 
     def march(_, t):
         return t + field(origins + t[:, None] * dirs)
@@ -245,8 +243,7 @@ def render_example(key: jax.Array, shape: jax.Array, colour: jax.Array,
 
 @functools.partial(jax.jit, static_argnames=("resolution", "shape"))
 def _render_chunk(key: jax.Array, indices: jax.Array, resolution: int, shape: int) -> jax.Array:
-    """Renders examples `indices` that all have primitive `shape` (static: one SDF is traced,
-    not a select over all five)."""
+    """Renders examples `indices` that all have primitive `shape` (static: one SDF is traced)."""
     colour = indices % NUM_CLASSES // len(SHAPES)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
     return jax.vmap(render_example, in_axes=(0, None, 0, None))(keys, shape, colour, resolution)
@@ -387,13 +384,12 @@ def shapes_source(cfg: Any, prior: Any, batch: int, seed: int, conditional: bool
     if prior.kind == "latent":
         images = np.concatenate([np.asarray(prior.encode(jnp.asarray(images[i:i + 16])))
                                  for i in range(0, len(images), 16)])
-    labels = data["colour"] * len(SHAPES) + data["shape"]
+    labels = class_id(data["shape"], data["colour"])
     if conditional:
-        captions = [caption(k % len(SHAPES), k // len(SHAPES)) for k in range(NUM_CLASSES)]
-        table = prior.embed_text(captions)
+        table = prior.embed_text([caption(*map(int, class_of(k))) for k in range(NUM_CLASSES)])
     else:
-        table = jnp.broadcast_to(prior.embed_text([""]), (NUM_CLASSES,) +
-                                 prior.embed_text([""]).shape[1:])
+        null = prior.embed_text([""])
+        table = jnp.broadcast_to(null, (NUM_CLASSES,) + null.shape[1:])
     indices = epoch_indices(len(images), batch, seed)
 
     def get(step: int) -> tuple[jax.Array, jax.Array]:

@@ -33,6 +33,9 @@ def prior_config(name: str = "gaussian", **overrides) -> ml_collections.ConfigDi
         "path": "",
         "dtype": "float32",  # sd / tiny_sd / embedded: 'float32' or 'bfloat16'
         "from_pt": False,  # sd: the folder holds PyTorch weights only
+        # sd / tiny_sd / embedded: 'late_norm' (lmc_jax.priors.attention, faster, same result)
+        # or 'diffusers' (diffusers' FlaxAttention as is)
+        "attention": "late_norm",
         "seed": 0,  # tiny_sd: init seed
     })
     cfg.update(overrides)

@@ -3,11 +3,17 @@
 The model (`lmc_jax.priors.embedded`): diffusers' `FlaxUNet2DConditionModel` on 32x32 RGB pixels
 and a 2-layer `FlaxCLIPTextModel` on a word-level tokenizer, trained jointly with the DDPM loss
 
-    L = E_{x, y, t, eps} || eps_phi(a_t x + s_t eps; enc(y), t) - eps ||^2,
+    L = E_{x, y, t, eps} || f_phi(a_t x + s_t eps; enc(y), t) - target ||^2,
 
 t uniform in [0, T), the caption `y` a random template of the example's (shape, colour), and
 replaced by the empty caption with probability `cond_dropout` (so classifier-free guidance has
-an unconditional model). The exported weights are an exponential moving average (`ema`).
+an unconditional model). The target is `eps` (`prediction_type='epsilon'`) or the velocity
+`v = a_t eps - s_t x` (`'v_prediction'`, Salimans & Ho 2022). With `eps`, the denoised estimate
+`x_hat = (x_t - s_t eps_hat) / a_t` multiplies the network's error by `s_t / a_t` (about 6 at
+t = 600, 150 at t = 999), so a small model never learns the global colour of its samples; with
+`v`, `x_hat = a_t x_t - s_t v_hat` and the error is never amplified. The exported weights are an
+exponential moving average (`ema`). `init_from` starts from a trained prior's weights (a
+fine-tune, e.g. from an `epsilon` model to `v_prediction`).
 
 Outputs in the workdir: checkpoints/ (resumable, like every app), prior/ (the diffusers folder
 to copy into lmc_jax/assets/embedded_prior/ or pass as prior.path), samples.png (DDIM samples,
@@ -39,7 +45,8 @@ from lmc_jax.priors.sampling import ddim_sample
 from lmc_jax.priors.sd import alphas_cumprod_from_config, make_sd_prior
 from lmc_jax.writer import MetricWriter
 
-FIXED_KEYS = ("seed", "data.", "batch")
+FIXED_KEYS = ("seed", "data.", "batch", "prediction_type", "init_from")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @flax.struct.dataclass
@@ -68,7 +75,8 @@ def caption_table(tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_train_step(unet: Any, text_encoder: Any, opt: optax.GradientTransformation,
-                    alphas_cumprod: jax.Array, ema: float, cond_dropout: float):
+                    alphas_cumprod: jax.Array, ema: float, cond_dropout: float,
+                    prediction_type: str = "epsilon"):
     """`step(state, key, images [B,H,W,3] in [-1,1], ids [B,L], null_ids [L]) -> (state, loss)`."""
 
     def loss_fn(params, key, images, ids, null_ids):
@@ -82,9 +90,10 @@ def make_train_step(unet: Any, text_encoder: Any, opt: optax.GradientTransformat
         a = jnp.sqrt(alphas_cumprod[t])[:, None, None, None]
         s = jnp.sqrt(1.0 - alphas_cumprod[t])[:, None, None, None]
         x_t = a * images + s * eps
+        target = eps if prediction_type == "epsilon" else a * eps - s * images
         out = unet.apply({"params": params["unet"]}, jnp.transpose(x_t, (0, 3, 1, 2)), t,
                          emb).sample
-        return jnp.mean((jnp.transpose(out, (0, 2, 3, 1)) - eps) ** 2)
+        return jnp.mean((jnp.transpose(out, (0, 2, 3, 1)) - target) ** 2)
 
     def step(state: State, key, images, ids, null_ids):
         loss, grads = jax.value_and_grad(loss_fn)(state.params, key, images, ids, null_ids)
@@ -110,12 +119,33 @@ def sample_grid(prior, key: jax.Array, w: float, steps: int, per_class: int = 1)
     return np.asarray(io.to_uint8(np.asarray(x))), prompts
 
 
+def initial_params(config: ml_collections.ConfigDict, unet: Any, text_encoder: Any) -> Any:
+    """Fresh weights from `seed`, or those of the prior at `init_from` ('embedded': shipped)."""
+    fresh = embedded.init_params(unet, text_encoder, config.seed)
+    if not config.init_from:
+        return jax.tree_util.tree_map(jnp.asarray, fresh)
+    src = embedded.embedded_prior(path=None if config.init_from == "embedded"
+                                  else config.init_from)
+    loaded = {k: src.params[k] for k in fresh}
+    want = jax.tree_util.tree_map(lambda x: x.shape, fresh)
+    got = jax.tree_util.tree_map(lambda x: x.shape, loaded)
+    if want != got:
+        raise UserError(f"init_from={config.init_from!r} has a different architecture from "
+                        "lmc_jax.priors.embedded (its weight shapes differ); start without "
+                        "--config.init_from or from a prior trained by this config")
+    logging.info("initialised from %s", config.init_from)
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), loaded)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (or resumes) the embedded prior and exports it to WORKDIR/prior."""
     require_positive(config.steps, "steps")
     require_positive(config.batch, "batch")
     if not 0.0 <= config.cond_dropout < 1.0:
         raise UserError(f"cond_dropout must be in [0, 1), got {config.cond_dropout}")
+    if config.prediction_type not in PREDICTION_TYPES:
+        raise UserError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got "
+                        f"{config.prediction_type!r}")
     cache_dir = os.path.expanduser(config.data.cache_dir or os.path.join(workdir, "data"))
     data = shapes.load_arrays("train", config.data.num_train, cache_dir,
                               config.data.resolution, config.seed)
@@ -135,14 +165,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     lr = optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup, max(config.steps, warmup + 1),
                                             config.lr * 0.05)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.0))
-    params = jax.tree_util.tree_map(jnp.asarray, embedded.init_params(unet, text_encoder,
-                                                                      config.seed))
+    params = initial_params(config, unet, text_encoder)
     state = State(jnp.zeros((), jnp.int32), params, params, opt.init(params))
     cfg_json = config.to_dict()
     ckpt = Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
     key = jax.random.PRNGKey(config.seed)
     step_fn = make_train_step(unet, text_encoder, opt, alphas_cumprod, config.ema,
-                              config.cond_dropout)
+                              config.cond_dropout, config.prediction_type)
     indices = shapes.epoch_indices(n, config.batch, config.seed)
     table_j, null_j = jnp.asarray(table), jnp.asarray(null_ids)
     losses = []
@@ -180,7 +209,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     seconds = time.time() - start
 
     host = parallel.to_host(state.ema)
-    prior = make_sd_prior(unet, None, text_encoder, tokenizer, host, embedded.SCHEDULER,
+    prior = make_sd_prior(unet, None, text_encoder, tokenizer, host,
+                          embedded.scheduler_config(config.prediction_type),
                           name="embedded(trained)")
     grid_images, prompts = sample_grid(prior, jax.random.PRNGKey(config.seed + 1),
                                        config.sample.w, config.sample.steps,
@@ -202,7 +232,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         metrics["sample_accuracy"] = f"unavailable: {e}"
     if parallel.is_main_process():
         out = embedded.save_pipeline(os.path.join(workdir, "prior"), unet, text_encoder,
-                                     tokenizer, host)
+                                     tokenizer, host,
+                                     prediction_type=config.prediction_type)
         per = config.sample.per_class
         rows = [grid_images[r * 5 * per:(r + 1) * 5 * per] for r in range(len(shapes.COLOURS))]
         io.save_png(os.path.join(workdir, "samples.png"), io.grid(rows), scale=2)

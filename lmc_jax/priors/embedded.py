@@ -153,8 +153,14 @@ def init_params(unet: Any, text_encoder: Any, seed: int) -> dict[str, Any]:
     }
 
 
+def scheduler_config(prediction_type: str = "epsilon") -> dict[str, Any]:
+    """`SCHEDULER` for a model that predicts `prediction_type` ('epsilon' or 'v_prediction')."""
+    return {**SCHEDULER, "prediction_type": prediction_type}
+
+
 def save_pipeline(directory: str | os.PathLike, unet: Any, text_encoder: Any, tokenizer: Any,
-                  params: dict[str, Any], dtype: str = "float16") -> Path:
+                  params: dict[str, Any], dtype: str = "float16",
+                  prediction_type: str = "epsilon") -> Path:
     """Writes the VAE-less diffusers folder (model_index.json has `"vae": [null, null]`).
 
     `dtype='float16'` halves the files; the loader casts weights back to the prior's dtype.
@@ -162,10 +168,12 @@ def save_pipeline(directory: str | os.PathLike, unet: Any, text_encoder: Any, to
     from lmc_jax.priors import sd
 
     cast = jax.tree_util.tree_map(lambda x: np.asarray(x, np.dtype(dtype)), params)
-    return sd.save_pipeline(directory, unet, None, text_encoder, tokenizer, cast, SCHEDULER)
+    return sd.save_pipeline(directory, unet, None, text_encoder, tokenizer, cast,
+                            scheduler_config(prediction_type))
 
 
-def embedded_prior(dtype: str = "float32", path: str | os.PathLike | None = None) -> Prior:
+def embedded_prior(dtype: str = "float32", path: str | os.PathLike | None = None,
+                   attention: str = "late_norm") -> Prior:
     """The shipped embedded prior (or the pipeline at `path`), via the Stable Diffusion loader."""
     from lmc_jax.priors.sd import load_stable_diffusion
 
@@ -175,5 +183,5 @@ def embedded_prior(dtype: str = "float32", path: str | os.PathLike | None = None
             f"the embedded prior is not in {folder}; train it with `python -m lmc_jax.main "
             f"--config=configs/train_prior.py --workdir=runs/prior` and pass "
             f"--config.prior.path=runs/prior/prior")
-    prior = load_stable_diffusion(str(folder), dtype=dtype)
+    prior = load_stable_diffusion(str(folder), dtype=dtype, attention=attention)
     return prior.replace(name=f"embedded({folder.name},{dtype})")

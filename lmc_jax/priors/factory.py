@@ -24,13 +24,15 @@ def build_prior(cfg: ml_collections.ConfigDict) -> Prior:
     if cfg.name == "tiny_sd":
         from lmc_jax.priors.sd import tiny_sd_prior
 
-        return tiny_sd_prior(seed=cfg.seed, image_size=cfg.resolution, dtype=cfg.dtype)
+        return tiny_sd_prior(seed=cfg.seed, image_size=cfg.resolution, dtype=cfg.dtype,
+                             attention=cfg.attention)
     if cfg.name == "embedded":
         from lmc_jax.priors.embedded import embedded_prior
 
-        return embedded_prior(dtype=cfg.dtype, path=cfg.path or None)
+        return embedded_prior(dtype=cfg.dtype, path=cfg.path or None, attention=cfg.attention)
     if cfg.name == "sd":
         from lmc_jax.priors.sd import load_stable_diffusion
 
-        return load_stable_diffusion(cfg.path, dtype=cfg.dtype, from_pt=cfg.from_pt)
+        return load_stable_diffusion(cfg.path, dtype=cfg.dtype, from_pt=cfg.from_pt,
+                                     attention=cfg.attention)
     raise UserError(f"unknown prior.name {cfg.name!r}; choose one of {list(PRIOR_NAMES)}")

@@ -41,6 +41,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from lmc_jax import _compat, schedule
 from lmc_jax.errors import UserError
+from lmc_jax.priors.attention import fast_attention
 from lmc_jax.priors.base import Prior
 from lmc_jax.priors.tokenizer import byte_tokenizer_path
 
@@ -48,6 +49,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 DEFAULT_VAE_SCALING = 0.18215
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+ATTENTION_IMPLS = ("late_norm", "diffusers")
 
 WEIGHTS_HINT = (
     "on a connected machine run `huggingface-cli download stabilityai/stable-diffusion-2-1-base "
@@ -172,7 +174,8 @@ def closed_vocabulary_check(tokenizer: Any, name: str) -> Any:
 
 def make_sd_prior(unet: Any, vae: Any | None, text_encoder: Any, tokenizer: Any,
                   params: dict[str, Any], scheduler_config: dict[str, Any], *,
-                  dtype: str = "float32", name: str = "sd") -> Prior:
+                  dtype: str = "float32", name: str = "sd",
+                  attention: str = "late_norm") -> Prior:
     """Builds the `Prior` from loaded (or random) components; the one place both paths meet.
 
     Args:
@@ -186,8 +189,12 @@ def make_sd_prior(unet: Any, vae: Any | None, text_encoder: Any, tokenizer: Any,
       scheduler_config: the scheduler_config.json dict (betas, prediction_type).
       dtype: 'float32' or 'bfloat16' (weights and compute); outputs are always float32.
       name: for logs.
+      attention: 'late_norm' (`lmc_jax.priors.attention`: the same function, one pass fewer
+        over the score matrix) or 'diffusers' (diffusers' own FlaxAttention).
     """
     cdtype = _jnp_dtype(dtype)
+    if attention not in ATTENTION_IMPLS:
+        raise UserError(f"attention must be one of {list(ATTENTION_IMPLS)}, got {attention!r}")
     ucfg, tcfg = unet.config, text_encoder.config
     pixel = vae is None
 
@@ -234,7 +241,8 @@ def make_sd_prior(unet: Any, vae: Any | None, text_encoder: Any, tokenizer: Any,
         if emb.shape[0] == 1 and b > 1:
             emb = jnp.broadcast_to(emb, (b,) + emb.shape[1:])
         sample = jnp.transpose(x_t, (0, 3, 1, 2)).astype(cdtype)
-        out = unet_m.apply({"params": p["unet"]}, sample, t, emb.astype(cdtype)).sample
+        with fast_attention(attention == "late_norm"):
+            out = unet_m.apply({"params": p["unet"]}, sample, t, emb.astype(cdtype)).sample
         out = jnp.transpose(out, (0, 2, 3, 1)).astype(jnp.float32)
         if prediction == "v_prediction":  # eps = a_t v + s_t x_t
             a, s = schedule.alpha_sigma(alphas_cumprod, t)
@@ -293,6 +301,7 @@ def make_sd_prior(unet: Any, vae: Any | None, text_encoder: Any, tokenizer: Any,
 
 
 def load_stable_diffusion(path: str, *, dtype: str = "float32", from_pt: bool = False,
+                          attention: str = "late_norm",
                           revision: str | None = None) -> Prior:
     """Loads a diffusers-layout Stable Diffusion (1.x/2.x) pipeline as a latent `Prior`.
 
@@ -305,6 +314,7 @@ def load_stable_diffusion(path: str, *, dtype: str = "float32", from_pt: bool = 
       dtype: 'float32' or 'bfloat16'.
       from_pt: read PyTorch weights (`*.safetensors`, or `*.bin` with torch installed) instead of
         Flax `*.msgpack`; for checkpoints that ship no Flax weights (from the Hub: safetensors).
+      attention: see `make_sd_prior`.
       revision: Hub branch/tag/commit (ignored for local folders).
     """
     _jnp_dtype(dtype)
@@ -330,7 +340,7 @@ def load_stable_diffusion(path: str, *, dtype: str = "float32", from_pt: bool = 
     scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
     params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_params}
     return make_sd_prior(unet, vae, text_encoder, tokenizer, params, scheduler_config,
-                         dtype=dtype, name=f"sd:{path}:{dtype}")
+                         dtype=dtype, name=f"sd:{path}:{dtype}", attention=attention)
 
 
 def _declares_no_vae(folder: Path) -> bool:
@@ -579,7 +589,8 @@ def _tiny_pipeline(seed: int, image_size: int) -> tuple[Any, ...]:
     return unet, vae, text_encoder, tokenizer, params, dict(TINY_SCHEDULER)
 
 
-def tiny_sd_prior(seed: int = 0, image_size: int = 64, dtype: str = "float32") -> Prior:
+def tiny_sd_prior(seed: int = 0, image_size: int = 64, dtype: str = "float32",
+                  attention: str = "late_norm") -> Prior:
     """A random-init SD-architecture prior: 4 x image_size/2 x image_size/2 latents (4x32x32).
 
     Same classes and code path as real Stable Diffusion (UNet with cross-attention, KL VAE with
@@ -587,14 +598,14 @@ def tiny_sd_prior(seed: int = 0, image_size: int = 64, dtype: str = "float32") -
     UTF-8 bytes), about 1.5M weights. Cached: the same arguments return the same `Prior` (and
     its compiled functions) in one process.
     """
-    return _tiny_sd_prior(int(seed), int(image_size), str(dtype))
+    return _tiny_sd_prior(int(seed), int(image_size), str(dtype), str(attention))
 
 
 @functools.cache
-def _tiny_sd_prior(seed: int, image_size: int, dtype: str) -> Prior:
+def _tiny_sd_prior(seed: int, image_size: int, dtype: str, attention: str) -> Prior:
     *modules, params, scheduler_config = _tiny_pipeline(seed, image_size)
     return make_sd_prior(*modules, params, scheduler_config, dtype=dtype,
-                         name=f"tiny_sd(seed={seed},{image_size}px,{dtype})")
+                         name=f"tiny_sd(seed={seed},{image_size}px,{dtype})", attention=attention)
 
 
 def save_pipeline(directory: str | os.PathLike, unet: Any, vae: Any | None, text_encoder: Any,

@@ -7,7 +7,9 @@ One guidance step on 4x32x32 latents (HxWxC 32x32x4) at batch B is
 followed by the update `x <- x - lr * grad`.
 
 - JAX: `lmc_jax.guidance.sds` / `lmc_sds` and the update inside one `jax.jit`; the prior and the
-  `b_psi` weights are arguments of the jitted step (not compiled-in constants).
+  `b_psi` weights are arguments of the jitted step (not compiled-in constants). Twice: with
+  lmc_jax's default attention (`lmc_jax.priors.attention`, row 'jax') and with diffusers' own
+  `FlaxAttention` (row 'jax-dattn'), to show what the late-normalized attention buys.
 - PyTorch eager: diffusers' torch `UNet2DConditionModel` holding the SAME weights, converted from
   the Flax parameters with diffusers' own converter
   (`diffusers.models.modeling_pytorch_flax_utils.load_flax_weights_in_pytorch_model`, the
@@ -63,7 +65,10 @@ import numpy as np
 
 from lmc_jax import _runtime, io
 
-FRAMEWORKS = ("jax", "torch")
+# 'jax-dattn': the same JAX step with diffusers' own FlaxAttention (prior.attention='diffusers')
+# instead of lmc_jax's late-normalized attention (lmc_jax.priors.attention, the default).
+FRAMEWORKS = ("jax", "jax-dattn", "torch")
+JAX_ATTENTION = {"jax": "late_norm", "jax-dattn": "diffusers"}
 METHODS = ("sds", "lmc")
 GUIDANCE_W = 7.5  # the paper's w (value does not change the cost)
 WEIGHTING = "sigma2"
@@ -101,7 +106,9 @@ class Setup:
 
         torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()
-        self.prior = tiny_sd_prior(seed=seed, image_size=64)
+        self.priors = {fw: tiny_sd_prior(seed=seed, image_size=64, attention=impl)
+                       for fw, impl in JAX_ATTENTION.items()}
+        self.prior = self.priors["jax"]
         h, w, c = self.prior.x_shape
         self.x_shape = (h, w, c)
 
@@ -171,9 +178,9 @@ class Setup:
 
     def step_fn(self, framework: str, method: str, inp: dict[str, Any]):
         """A zero-argument callable running one step, and the matching `sync`."""
-        if framework == "jax":
+        if framework in self.priors:
             step, a = self.jax_steps[method], inp["jax"]
-            args = (self.prior, self.bias_params, a["x"], a["t"], a["eps"], a["cond"])
+            args = (self.priors[framework], self.bias_params, a["x"], a["t"], a["eps"], a["cond"])
             return (lambda: step(*args)), _timing.block_jax
         a = inp["torch"]
         return (lambda: self.torch_step(method, **a)), _timing.no_sync
@@ -306,7 +313,9 @@ def check_equivalence(setup: Setup, batch: int) -> dict[str, float]:
     from lmc_jax.bias import bias_fn_from
 
     b_jax = np.asarray(bias_fn_from(setup.bias_module, setup.bias_params)(j["x"], j["t"]))
-    out = {"unet_eps": _rel(e_jax, e_torch), "b_psi": _rel(b_jax, b_torch)}
+    e_dattn = np.asarray(setup.priors["jax-dattn"].eps(x2, t2, emb))
+    out = {"unet_eps": _rel(e_jax, e_torch), "b_psi": _rel(b_jax, b_torch),
+           "late_norm_vs_diffusers_attention": _rel(e_dattn, e_jax)}
     x0 = np.asarray(j["x"])
     for m in METHODS:
         xj = np.asarray(setup.step_fn("jax", m, inp)[0]()[0])
@@ -364,10 +373,11 @@ def run_memory_probe(args: argparse.Namespace) -> dict[str, Any]:
                 deltas = [_timing.peak_rss_delta_mib(fn, sync) for _ in range(5)]
                 row = {"framework": fw, "method": m, "batch": bsz,
                        "peak_rss_delta_mib": None if None in deltas else max(deltas)}
-                if fw == "jax":
+                if fw in setup.priors:
                     a = inp["jax"]
-                    ma = setup.jax_steps[m].lower(setup.prior, setup.bias_params, a["x"], a["t"],
-                                                  a["eps"], a["cond"]).compile().memory_analysis()
+                    ma = setup.jax_steps[m].lower(setup.priors[fw], setup.bias_params, a["x"],
+                                                  a["t"], a["eps"], a["cond"]
+                                                  ).compile().memory_analysis()
                     if ma is not None:
                         row["xla_temp_mib"] = ma.temp_size_in_bytes / 2**20
                         row["xla_output_mib"] = ma.output_size_in_bytes / 2**20
@@ -401,14 +411,13 @@ def aggregate(workers: list[dict[str, Any]], memory: dict[str, Any] | None) -> l
     mem = {(r["framework"], r["method"], r["batch"]): r for r in (memory or {}).get("rows", [])}
     rows = []
     for (fw, m, b), meds in per.items():
-        jax_meds = per[("jax", m, b)]
         sds_meds = per[(fw, "sds", b)]
         row = {
             "framework": fw, "method": m, "batch": b,
             "median_ms": statistics.median(meds), "process_medians_ms": meds,
             # paired within each process, then the median over processes
-            "torch_over_jax": statistics.median(
-                t / j for t, j in zip(per[("torch", m, b)], jax_meds, strict=True)),
+            "torch_over_this": statistics.median(
+                t / j for t, j in zip(per[("torch", m, b)], meds, strict=True)),
             "over_sds": statistics.median(v / s for v, s in zip(meds, sds_meds, strict=True)),
         }
         if (fw, m, b) in mem:
@@ -439,16 +448,18 @@ def report(res: dict[str, Any]) -> None:
     mem_note = "peak RSS delta" if res.get("memory") else ""
     print()
     head = (f"{'framework':<9} | {'method':<6} | {'B':>2} | {'median ms':>9} | "
-            f"{'range ms':>13} | {'torch/JAX':>9} | {'vs SDS':>6} | {'peak MiB':>8} | "
+            f"{'range ms':>13} | {'torch/this':>10} | {'vs SDS':>6} | {'peak MiB':>8} | "
             f"{'XLA tmp MiB':>11}")
     print(head)
     print("-" * len(head))
     for r in res["rows"]:
         lo, hi = min(r["process_medians_ms"]), max(r["process_medians_ms"])
         print(f"{r['framework']:<9} | {r['method']:<6} | {r['batch']:>2} | {r['median_ms']:>9.1f} |"
-              f" {f'{lo:.1f}-{hi:.1f}':>13} | {r['torch_over_jax']:>9.2f} | "
+              f" {f'{lo:.1f}-{hi:.1f}':>13} | {r['torch_over_this']:>10.2f} | "
               f"{r['over_sds']:>6.3f} | {_fmt(r.get('peak_rss_delta_mib'), '8.1f'):>8} | "
               f"{_fmt(r.get('xla_temp_mib'), '11.2f'):>11}")
+    print("\njax: lmc_jax's default (late-normalized attention); jax-dattn: the same step with "
+          "diffusers' own FlaxAttention (prior.attention='diffusers').")
     if mem_note:
         print(f"\npeak MiB: peak RSS increase during one warm step (VmHWM - VmRSS), measured in a "
               f"separate process with {res['memory']['allocator']}; XLA tmp: the compiled "
@@ -458,8 +469,8 @@ def report(res: dict[str, Any]) -> None:
         if r["framework"] == "jax" and r["method"] == "sds" and r["batch"] in TARGET_JAX_SPEEDUP:
             want = TARGET_JAX_SPEEDUP[r["batch"]]
             print(f"  JAX SDS speed-up over torch eager at B={r['batch']}: "
-                  f"{r['torch_over_jax']:.2f}x (target >= {want}x): "
-                  f"{'met' if r['torch_over_jax'] >= want else 'NOT met'}")
+                  f"{r['torch_over_this']:.2f}x (target >= {want}x): "
+                  f"{'met' if r['torch_over_this'] >= want else 'NOT met'}")
     for r in res["rows"]:
         if r["framework"] == "jax" and r["method"] == "lmc":
             print(f"  JAX LMC/SDS step at B={r['batch']}: {r['over_sds']:.3f} (target <= "

@@ -10,6 +10,10 @@ its loss is the guidance gradient toward `prompt` plus `identity_weight * ||f(x)
 
 Presets: default = Stable Diffusion + a folder of images; `:mixture` (exact Gaussian mixture:
 turns red samples blue, ~1 minute on 2 CPU cores).
+
+Parallelism: each batch is split over all devices (`batch` must be a multiple of their number
+divided by `parallel.model_axis`); `--config.parallel.model_axis=M` splits the prior's large
+arrays over M devices.
 """
 
 import ml_collections
@@ -37,6 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 500
     c.keep_checkpoints = 2
+    c.parallel = ml_collections.ConfigDict({"model_axis": 1})  # >1: split the prior
     if preset == "mixture":
         c.prompt = "blue"
         c.source_prompt = "red"

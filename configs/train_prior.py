@@ -12,6 +12,9 @@ what ships in lmc_jax/assets/embedded_prior/ (copy it there, next to bias/ and e
 pass it as --config.prior.path to any app with prior.name='embedded'. Its DDIM samples score
 0.12 with the evaluator (samples.png): it needs far more training than this.
 
+Parallelism: each batch is split over all devices (`batch` must be a multiple of their number);
+the model is small and replicated on each.
+
 Presets: `:quick` (a few steps on a few images, for tests).
 """
 

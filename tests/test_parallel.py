@@ -169,6 +169,56 @@ def _worker(out_path: str) -> None:
     res["synth_x_split"] = not xs["8"].sharding.is_fully_replicated
 
     lap("synth")
+    # image-to-image: f_theta's loop on the exact mixture, 8 images per batch.
+    from lmc_jax.apps import i2i
+
+    ic = _load_config("i2i", "mixture")
+    ic.steps, ic.log_every, ic.eval_every, ic.checkpoint_every = 3, 1, 1000, 1000
+    iprior = build_prior(ic.prior)
+    ifn, ihp = build_guidance(iprior, ic.guidance)
+    inet = i2i.Translator(ic.net.features, ic.net.blocks)
+    ip = {}
+    for name in ("8", "1", "4x2"):
+        wd = os.path.join(tmp, f"i2i-{name}")
+        ip[name] = i2i.train(ic, wd, inet, iprior, ifn, ihp, mesh=meshes[name])["state"].params
+    # Compared: f_theta's outputs on fixed images (raw params: Adam moves weights whose gradient
+    # is rounding noise by ~lr, as for b_psi above).
+    xi = 0.5 * jax.random.normal(jax.random.PRNGKey(6), (4, *iprior.x_shape))
+    yi = {k: inet.apply(jax.device_get(v), xi) for k, v in ip.items()}
+    res["i2i_outputs"] = _tree_diff(yi["8"], yi["1"])
+    res["i2i_outputs_model2"] = _tree_diff(yi["4x2"], yi["1"])
+    res["i2i_raw_params_info"] = _tree_diff(ip["8"], ip["1"])
+    res["i2i_log"] = _log_diff(_metrics_log(os.path.join(tmp, "i2i-8")),
+                               _metrics_log(os.path.join(tmp, "i2i-1")))
+
+    lap("i2i")
+    # Training the embedded prior: 2 steps at batch 8 on synthetic renders. Compared: the
+    # logged loss and the trained UNet's output on a fixed input (raw params: see b_psi above).
+    from lmc_jax.apps import train_prior
+
+    pc = _load_config("train_prior", "quick")
+    pc.steps, pc.log_every, pc.checkpoint_every = 2, 1, 1000
+    rng = np.random.default_rng(0)
+    data = {"image": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+            "shape": rng.integers(0, 3, 16), "colour": rng.integers(0, 3, 16)}
+    unet_out = {}
+    for name in ("8", "1"):
+        wd = os.path.join(tmp, f"prior-{name}")
+        r = train_prior.train(pc, wd, mesh=meshes[name], data=data)
+        p = jax.device_get(r["state"].params)
+        ids = jnp.zeros((2, 8), jnp.int32)
+        emb = r["text_encoder"](ids, params=p["text_encoder"]).last_hidden_state
+        x = jax.random.normal(jax.random.PRNGKey(5), (2, 3, 32, 32))
+        unet_out[name] = r["unet"].apply({"params": p["unet"]}, x, jnp.array([100, 800]),
+                                         emb).sample
+    # A 24-layer UNet sums in another order: tolerance relative to the output's scale.
+    diff = float(np.max(np.abs(np.asarray(unet_out["8"]) - np.asarray(unet_out["1"]))))
+    scale = float(np.max(np.abs(np.asarray(unet_out["1"]))))
+    res["prior_unet_out"] = (diff, diff <= RTOL * scale)
+    res["prior_log"] = _log_diff(_metrics_log(os.path.join(tmp, "prior-8")),
+                                 _metrics_log(os.path.join(tmp, "prior-1")))
+
+    lap("train_prior")
     # The sharding rule for a prior's big arrays (default size threshold), model axis of 2.
     parallel.MIN_MODEL_SHARD_SIZE = 1 << 14
     big = {"kernel": jnp.zeros((3, 3, 64, 128)), "bias": jnp.zeros((128,)),
@@ -195,11 +245,12 @@ def test_one_and_eight_devices_agree(tmp_path):
           "seconds:", res["seconds"])
     assert res["devices"] == 8
     # The same result on one device and on eight (and on 4 data x 2 model for synth).
-    for key in ("t23d_params", "bias_outputs", "synth_x", "synth_x_model2"):
+    for key in ("t23d_params", "bias_outputs", "synth_x", "synth_x_model2", "i2i_outputs",
+                "i2i_outputs_model2", "prior_unet_out"):
         diff, close = res[key]
         assert close, f"{key}: max abs diff {diff} beyond rtol={RTOL}, atol={ATOL}"
     # A run's outputs do not depend on the device count: logged metrics and rendered views.
-    for key in ("t23d_log", "bias_log"):
+    for key in ("t23d_log", "bias_log", "i2i_log", "prior_log"):
         assert res[key][1], (key, res[key])
     assert res["t23d_frames_max_uint8_diff"] <= 1
     # Params replicated over the 8 devices; the batch split over them.

@@ -15,6 +15,10 @@ t = 600, 150 at t = 999), so a small model never learns the global colour of its
 exponential moving average (`ema`). `init_from` starts from a trained prior's weights (a
 fine-tune, e.g. from an `epsilon` model to `v_prediction`).
 
+Parallelism: each batch (images and caption ids, `batch` a multiple of the mesh's `data` axis)
+is split over `data`; the trained weights, their EMA and the optimizer state are replicated
+(the model is small: no `model` axis). Only process 0 writes outputs.
+
 Outputs in the workdir: checkpoints/ (resumable, like every app), prior/ (the diffusers folder
 to copy into lmc_jax/assets/embedded_prior/ or pass as prior.path), samples.png (DDIM samples,
 one row per colour, one column per shape), metrics.json (loss, train time, and the evaluator's
@@ -76,8 +80,10 @@ def caption_table(tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
 
 def make_train_step(unet: Any, text_encoder: Any, opt: optax.GradientTransformation,
                     alphas_cumprod: jax.Array, ema: float, cond_dropout: float,
-                    prediction_type: str = "epsilon"):
-    """`step(state, key, images [B,H,W,3] in [-1,1], ids [B,L], null_ids [L]) -> (state, loss)`."""
+                    prediction_type: str = "epsilon", mesh: jax.sharding.Mesh | None = None):
+    """`step(state, key, images [B,H,W,3] in [-1,1], ids [B,L], null_ids [L]) -> (state, loss)`
+    on `mesh` (default: all devices): `images`, `ids` split over `data`, the rest replicated."""
+    mesh = mesh if mesh is not None else parallel.make_mesh()
 
     def loss_fn(params, key, images, ids, null_ids):
         b = images.shape[0]
@@ -85,6 +91,7 @@ def make_train_step(unet: Any, text_encoder: Any, opt: optax.GradientTransformat
         t = jax.random.randint(k_t, (b,), 0, alphas_cumprod.shape[0])
         eps = jax.random.normal(k_eps, images.shape)
         drop = jax.random.uniform(k_drop, (b,)) < cond_dropout
+        t, eps, drop = parallel.constrain_batch((t, eps, drop), mesh)
         ids = jnp.where(drop[:, None], null_ids[None], ids)
         emb = text_encoder(ids, params=params["text_encoder"]).last_hidden_state
         a = jnp.sqrt(alphas_cumprod[t])[:, None, None, None]
@@ -96,6 +103,7 @@ def make_train_step(unet: Any, text_encoder: Any, opt: optax.GradientTransformat
         return jnp.mean((jnp.transpose(out, (0, 2, 3, 1)) - target) ** 2)
 
     def step(state: State, key, images, ids, null_ids):
+        images, ids = parallel.constrain_batch((images, ids), mesh)
         loss, grads = jax.value_and_grad(loss_fn)(state.params, key, images, ids, null_ids)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -105,7 +113,14 @@ def make_train_step(unet: Any, text_encoder: Any, opt: optax.GradientTransformat
         new_ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state.ema, params)
         return State(state.step + 1, params, new_ema, opt_state), {"loss": loss}
 
-    return jax.jit(step)
+    rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    jitted = jax.jit(step, in_shardings=(rep, rep, data, data, rep), out_shardings=(rep, rep))
+
+    def step_fn(state: State, key, images, ids, null_ids):
+        images, ids = parallel.shard_batch((images, ids), mesh)
+        return jitted(state, key, images, ids, null_ids)
+
+    return step_fn
 
 
 def sample_grid(prior, key: jax.Array, w: float, steps: int, per_class: int = 1):
@@ -137,8 +152,7 @@ def initial_params(config: ml_collections.ConfigDict, unet: Any, text_encoder: A
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), loaded)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (or resumes) the embedded prior and exports it to WORKDIR/prior."""
+def validate(config: ml_collections.ConfigDict) -> None:
     require_positive(config.steps, "steps")
     require_positive(config.batch, "batch")
     if not 0.0 <= config.cond_dropout < 1.0:
@@ -146,9 +160,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.prediction_type not in PREDICTION_TYPES:
         raise UserError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got "
                         f"{config.prediction_type!r}")
-    cache_dir = os.path.expanduser(config.data.cache_dir or os.path.join(workdir, "data"))
-    data = shapes.load_arrays("train", config.data.num_train, cache_dir,
-                              config.data.resolution, config.seed)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          mesh: jax.sharding.Mesh | None = None, data: dict[str, np.ndarray] | None = None
+          ) -> dict[str, Any]:
+    """Trains (or resumes) the prior on `mesh` (default: from the config).
+
+    `data`: the training set `{'image' uint8 [N, r, r, 3], 'shape' [N], 'colour' [N]}` (default:
+    `data.num_train` renders of the shapes 'train' split). Returns `{state, losses, seconds,
+    unet, text_encoder, tokenizer}`. Raises `lmc_jax.checkpoint.Preempted` (exit status 143)
+    after saving on SIGTERM/SIGINT.
+    """
+    validate(config)
+    mesh = mesh if mesh is not None else parallel.mesh_from_config(config)
+    parallel.check_batch(config.batch, mesh, "batch")
+    if data is None:
+        cache_dir = os.path.expanduser(config.data.cache_dir or os.path.join(workdir, "data"))
+        data = shapes.load_arrays("train", config.data.num_train, cache_dir,
+                                  config.data.resolution, config.seed)
     n = len(data["image"])
     if n < config.batch:
         raise UserError(f"data.num_train={n} is smaller than batch={config.batch}")
@@ -166,14 +196,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                             config.lr * 0.05)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.0))
     params = initial_params(config, unet, text_encoder)
-    state = State(jnp.zeros((), jnp.int32), params, params, opt.init(params))
+    state = parallel.replicate(State(jnp.zeros((), jnp.int32), params, params, opt.init(params)),
+                               mesh)
     cfg_json = config.to_dict()
     ckpt = Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
     key = jax.random.PRNGKey(config.seed)
     step_fn = make_train_step(unet, text_encoder, opt, alphas_cumprod, config.ema,
-                              config.cond_dropout, config.prediction_type)
+                              config.cond_dropout, config.prediction_type, mesh)
     indices = shapes.epoch_indices(n, config.batch, config.seed)
-    table_j, null_j = jnp.asarray(table), jnp.asarray(null_ids)
+    table_j, null_j = jnp.asarray(table), parallel.replicate(jnp.asarray(null_ids), mesh)
     losses = []
     try:
         ckpt.check_resume(cfg_json, FIXED_KEYS)
@@ -195,7 +226,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     variant = jax.random.randint(jax.random.fold_in(k_step, 7), (len(idx),), 0,
                                                  table.shape[1])
                     ids = table_j[jnp.asarray(labels[idx]), variant]
-                    state, metrics = step_fn(state, k_step, jnp.asarray(images[idx]), ids, null_j)
+                    state, metrics = step_fn(state, k_step, images[idx], ids, null_j)
                     if (i + 1) % config.log_every == 0 or i + 1 == config.steps:
                         guard.check_metrics(i + 1, metrics)
                         writer.write_scalars(i + 1, metrics)
@@ -206,7 +237,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             writer.close()
     finally:
         ckpt.close()
-    seconds = time.time() - start
+    return {"state": state, "losses": losses, "seconds": time.time() - start, "unet": unet,
+            "text_encoder": text_encoder, "tokenizer": tokenizer}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (or resumes) the embedded prior and exports it to WORKDIR/prior."""
+    res = train(config, workdir)
+    state, losses, seconds = res["state"], res["losses"], res["seconds"]
+    unet, text_encoder, tokenizer = res["unet"], res["text_encoder"], res["tokenizer"]
 
     host = parallel.to_host(state.ema)
     prior = make_sd_prior(unet, None, text_encoder, tokenizer, host,

@@ -75,7 +75,7 @@ def _denoise_errors(prior, images, t, prompts, key):
     return float(jnp.mean((x_hat - images) ** 2))
 
 
-@pytest.mark.parametrize("t", [100, 300])
+@pytest.mark.parametrize("t", [100, 300, 600])
 def test_shipped_prior_denoises_held_out_renders(shipped, t):
     idx = np.arange(50)  # every class twice, from renders the prior never saw
     images = jnp.asarray(shapes.render(7, "eval_test", idx).astype(np.float32) / 127.5 - 1.0)
@@ -85,8 +85,8 @@ def test_shipped_prior_denoises_held_out_renders(shipped, t):
     key = jax.random.PRNGKey(t)
     err_right = _denoise_errors(shipped, images, t, right, key)
     err_wrong = _denoise_errors(shipped, images, t, wrong, key)
-    # Chance: the best constant guess, the per-pixel mean of the images. (At t >= 600 the
-    # shipped model's x_hat is still worse than that: it is small and briefly trained.)
+    # Chance: the best constant guess, the per-pixel mean of the images. (Measured for the
+    # shipped weights: err_right / chance = 0.03, 0.10, 0.34 at t = 100, 300, 600; 0.54 at 900.)
     chance = float(jnp.mean((images - images.mean(0)) ** 2))
     assert err_right < 0.5 * chance, (err_right, chance)
     # The caption matters: the right colour denoises better than a wrong one.

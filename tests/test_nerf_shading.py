@@ -61,6 +61,21 @@ def test_field_normals_match_per_point_gradient():
     np.testing.assert_allclose(np.linalg.norm(np.asarray(normals), axis=-1), 1.0, atol=1e-5)
 
 
+def test_normals_have_finite_gradients_where_the_density_is_flat():
+    """A zero density gradient (a saturated softplus) gives a zero normal and finite gradients
+    (the norm's VJP at 0 is 0/0; it once turned a whole text-to-3D step into NaN)."""
+    grads = jnp.array([[0.0, 0.0, 0.0], [3.0, 0.0, 4.0], [1e-30, 0.0, 0.0]])
+    n = shading.normals_from_density_gradient(grads)
+    np.testing.assert_allclose(n[0], 0.0)
+    np.testing.assert_allclose(n[1], [-0.6, 0.0, -0.8], rtol=1e-6)
+    w = jnp.array([0.3, -0.2, 0.5])
+    jac = jax.grad(lambda g: jnp.sum(shading.normals_from_density_gradient(g) * w))(grads)
+    assert np.all(np.isfinite(np.asarray(jac)))
+    # Away from 0: d(-g/|g|)/dg . w = -(w - n_hat (n_hat . w)) / |g|, n_hat = g / |g|.
+    u = grads[1] / 5.0
+    np.testing.assert_allclose(jac[1], -(w - u * jnp.dot(u, w)) / 5.0, rtol=1e-5)
+
+
 def test_shade_modes():
     albedo = jnp.asarray([[0.2, 0.5, 0.8], [0.2, 0.5, 0.8]])
     normals = jnp.asarray([[0.0, 0.0, 1.0], [0.0, 0.0, -1.0]])

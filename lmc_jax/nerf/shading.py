@@ -31,7 +31,13 @@ SHADING_MODES = ("albedo", "lambertian", "textureless")
 
 
 def _normalize(x):
-    return x / jnp.maximum(_EPS, jnp.linalg.norm(x, axis=-1, keepdims=True))
+    """`x / max(|x|, eps)` along the last axis, written so that its gradient is finite at x = 0.
+
+    (`x / max(eps, norm(x))` is not: the VJP of `norm` at 0 is 0/0 even where `max` picks eps,
+    and a normal from an exactly flat density turned a whole text-to-3D step into NaN.)
+    """
+    sq = jnp.sum(x * x, axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq, _EPS * _EPS))
 
 
 def value_and_position_gradient(fn, x):

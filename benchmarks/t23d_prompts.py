@@ -6,10 +6,13 @@ R-precision over 8 orbit views (against all 25 shape-colour prompts) and the col
 ratio (views over training renders of the same prompt; 1 is right, > 1 over-saturated).
 
     python benchmarks/t23d_prompts.py [--steps 300] [--methods lmc sds] [--json out.json]
+        [--workdir DIR] [--figure views.png]
 
 Methods: 'lmc' (LMC-SDS at w = 7.5 with the shipped b_psi, the preset) and 'sds' (SDS at
 w = 100, its usual high guidance). Prints one row per prompt and method and the means, and
-writes everything as JSON. Cost: about (steps x seconds per step) per run on 2 CPU cores.
+writes everything as JSON; `--figure` stacks every run's views.png (6 orbit views) into one
+labelled image (docs/t23d_tiny_views.png). Cost: about (steps x seconds per step) per run on
+2 CPU cores.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ def main() -> None:
     parser.add_argument("--prompts", nargs="+", default=list(PROMPTS))
     parser.add_argument("--json", default="")
     parser.add_argument("--workdir", default="")
+    parser.add_argument("--figure", default="", help="write the runs' views, labelled, here")
     args = parser.parse_args()
     from lmc_jax import io
 
@@ -83,6 +87,29 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
+    if args.figure:
+        labelled_views(base, args.methods, args.prompts, args.figure)
+
+
+def labelled_views(base: str, methods: list[str], prompts: list[str], path: str) -> None:
+    """One row per run: its label ('LMC: a green torus') left of its views.png."""
+    from PIL import Image, ImageDraw
+
+    rows = [(f"{m.upper()}: {p}", Image.open(os.path.join(base, m, p.replace(" ", "_"),
+                                                          "views.png")).convert("RGB"))
+            for m in methods for p in prompts]
+    label_w, scale = 150, 2
+    w = label_w + max(im.width for _, im in rows) * scale
+    h = sum(im.height for _, im in rows) * scale
+    fig = Image.new("RGB", (w, h), "white")
+    draw, y = ImageDraw.Draw(fig), 0
+    for label, im in rows:
+        big = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+        fig.paste(big, (label_w, y))
+        draw.text((4, y + big.height // 2 - 6), label, fill="black")
+        y += big.height
+    fig.save(path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

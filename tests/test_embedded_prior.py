@@ -1,5 +1,7 @@
 """The embedded prior: word tokenizer, VAE-less loading, the shipped weights, DDIM sampling."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,13 +66,20 @@ def test_byte_tokenizer_priors_accept_any_text():
     assert tiny.embed_text(["a zebra in a snowstorm"]).shape[0] == 1
 
 
+@functools.cache
+def _jit_eps(eps_fn):
+    """One compiled UNet call for every t and caption (eager calls cost ~5 s each)."""
+    return jax.jit(eps_fn)
+
+
 def _denoise_errors(prior, images, t, prompts, key):
     """Mean squared error of the one-step estimate x_hat against the clean images."""
     a = jnp.sqrt(prior.alphas_cumprod[t])
     s = jnp.sqrt(1.0 - prior.alphas_cumprod[t])
     eps = jax.random.normal(key, images.shape)
     x_t = a * images + s * eps
-    e = prior.eps(x_t, jnp.full((len(images),), t), prior.embed_text(prompts))
+    e = _jit_eps(prior.eps_fn)(prior.params, x_t, jnp.full((len(images),), t),
+                               prior.embed_text(prompts))
     x_hat = (x_t - s * e) / a
     return float(jnp.mean((x_hat - images) ** 2))
 

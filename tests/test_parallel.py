@@ -68,6 +68,11 @@ def _metrics_log(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def _run_logs_diff(tmp: str, app: str) -> tuple[float, bool]:
+    """`_log_diff` of the metrics logged by the runs in TMP/APP-8 and TMP/APP-1."""
+    return _log_diff(*(_metrics_log(os.path.join(tmp, f"{app}-{n}")) for n in ("8", "1")))
+
+
 def _log_diff(a: list[dict], b: list[dict]) -> tuple[float, bool]:
     assert [r["step"] for r in a] == [r["step"] for r in b]
     diffs = [abs(r[k] - s[k]) / max(abs(r[k]), 1e-3) for r, s in zip(a, b, strict=True)
@@ -109,7 +114,7 @@ def _worker(out_path: str) -> None:
         runs[name] = (t23d.train(t23d_config(), wd, mesh=meshes[name]), wd)
     p8, p1 = runs["8"][0]["state"].params, runs["1"][0]["state"].params
     res["t23d_params"] = _tree_diff(p8, p1)
-    res["t23d_log"] = _log_diff(_metrics_log(runs["8"][1]), _metrics_log(runs["1"][1]))
+    res["t23d_log"] = _run_logs_diff(tmp, "t23d")
     res["t23d_replicated"] = all(x.sharding.is_fully_replicated and len(x.sharding.device_set)
                                  == 8 for x in jax.tree_util.tree_leaves(p8))
     cfg = t23d_config()
@@ -140,8 +145,7 @@ def _worker(out_path: str) -> None:
             x, t, prior.embed_text([""] * 4))
     res["bias_outputs"] = _tree_diff(outs["8"], outs["1"])
     res["bias_raw_params_info"] = _tree_diff(params["8"], params["1"])
-    res["bias_log"] = _log_diff(_metrics_log(os.path.join(tmp, "bias-8")),
-                                _metrics_log(os.path.join(tmp, "bias-1")))
+    res["bias_log"] = _run_logs_diff(tmp, "bias")
 
     lap("bias")
     # synth: the optimized images x [8, ...] split over 'data' on 8 devices, and over 4 with the
@@ -188,8 +192,7 @@ def _worker(out_path: str) -> None:
     res["i2i_outputs"] = _tree_diff(yi["8"], yi["1"])
     res["i2i_outputs_model2"] = _tree_diff(yi["4x2"], yi["1"])
     res["i2i_raw_params_info"] = _tree_diff(ip["8"], ip["1"])
-    res["i2i_log"] = _log_diff(_metrics_log(os.path.join(tmp, "i2i-8")),
-                               _metrics_log(os.path.join(tmp, "i2i-1")))
+    res["i2i_log"] = _run_logs_diff(tmp, "i2i")
 
     lap("i2i")
     # Training the embedded prior: 2 steps at batch 8 on synthetic renders. Compared: the
@@ -215,8 +218,7 @@ def _worker(out_path: str) -> None:
     diff = float(np.max(np.abs(np.asarray(unet_out["8"]) - np.asarray(unet_out["1"]))))
     scale = float(np.max(np.abs(np.asarray(unet_out["1"]))))
     res["prior_unet_out"] = (diff, diff <= RTOL * scale)
-    res["prior_log"] = _log_diff(_metrics_log(os.path.join(tmp, "prior-8")),
-                                 _metrics_log(os.path.join(tmp, "prior-1")))
+    res["prior_log"] = _run_logs_diff(tmp, "prior")
 
     lap("train_prior")
     # The sharding rule for a prior's big arrays (default size threshold), model axis of 2.
@@ -244,7 +246,7 @@ def test_one_and_eight_devices_agree(tmp_path):
           {k: v[0] for k, v in res.items() if isinstance(v, list) and len(v) == 2},
           "seconds:", res["seconds"])
     assert res["devices"] == 8
-    # The same result on one device and on eight (and on 4 data x 2 model for synth).
+    # The same result on one device and on eight (and on 4 data x 2 model for synth, i2i).
     for key in ("t23d_params", "bias_outputs", "synth_x", "synth_x_model2", "i2i_outputs",
                 "i2i_outputs_model2", "prior_unet_out"):
         diff, close = res[key]

@@ -226,3 +226,73 @@ def test_jitted_vjp_matches_float64_finite_differences(net3):
         # the jitted float32 value and VJP agree with float64 to float32 accuracy
         np.testing.assert_allclose(y32, np.asarray(y64), rtol=0, atol=1e-5 * np.abs(y64).max())
         np.testing.assert_allclose(g32, np.asarray(g64), rtol=0, atol=1e-4 * np.abs(g64).max())
+
+
+def _vjp_all(f, args, ct):
+    out, vjp = jax.vjp(f, *args)
+    return out, vjp(ct)
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_norm_film_silu_matches_autodiff_of_the_plain_formula(freeze):
+    """The hand-written VJP of `silu(GroupNorm(h)(1 + gamma) + beta)` (all five inputs) against
+    autodiff of the textbook formula with reduction-based statistics, in float64."""
+    from lmc_jax.bias.model import norm_film_silu
+
+    def plain(h, scale, bias, gamma, beta):
+        hg = h.reshape(2, 8, 8, 4, 3)  # 12 channels in 4 groups
+        sg = jax.lax.stop_gradient if freeze else (lambda v: v)
+        mean = sg(hg.mean(axis=(1, 2, 4), keepdims=True))
+        var = sg(hg.var(axis=(1, 2, 4), keepdims=True))
+        y = ((hg - mean) / jnp.sqrt(var + 1e-5)).reshape(h.shape) * scale + bias
+        return jax.nn.silu(y * (1.0 + gamma) + beta)
+
+    with jax.enable_x64(True):
+        ks = jax.random.split(jax.random.PRNGKey(0), 6)
+        h = 2.0 * jax.random.normal(ks[0], (2, 8, 8, 12), jnp.float64) + 0.7
+        scale, bias = 1.0 + jax.random.normal(ks[1], (12,)), jax.random.normal(ks[2], (12,))
+        gamma = 0.5 * jax.random.normal(ks[3], (2, 1, 1, 12))
+        beta = jax.random.normal(ks[4], (2, 1, 1, 12))
+        ct = jax.random.normal(ks[5], h.shape, jnp.float64)
+        args = (h, scale, bias, gamma, beta)
+        out, grads = _vjp_all(lambda *a: norm_film_silu(*a, 4, 1e-5, freeze), args, ct)
+        ref_out, ref_grads = _vjp_all(plain, args, ct)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-12, atol=1e-12)
+        for g, r in zip(grads, ref_grads, strict=True):
+            assert g.shape == r.shape
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("padding,r", [("REFLECT", 1), ("REFLECT", 2), ("CIRCULAR", 1),
+                                       ("CIRCULAR", 3)])
+def test_padding_vjp_matches_autodiff_of_jnp_pad(padding, r):
+    from lmc_jax.bias.model import _pad
+
+    h = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 9, 3))
+    ct = jax.random.normal(jax.random.PRNGKey(1), (2, 7 + 2 * r, 9 + 2 * r, 3))
+    mode = {"REFLECT": "reflect", "CIRCULAR": "wrap"}[padding]
+    out, (g,) = _vjp_all(lambda z: _pad(z, r, padding), (h,), ct)
+    ref, (g_ref,) = _vjp_all(lambda z: jnp.pad(z, ((0, 0), (r, r), (r, r), (0, 0)), mode=mode),
+                             (h,), ct)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-6, atol=1e-6)
+
+
+def test_pooling_upsampling_and_means_match_their_reduction_forms():
+    from lmc_jax.bias.model import _avg_pool2, _upsample2, group_mean, spatial_mean
+
+    h = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 4, 8))
+    ct = jax.random.normal(jax.random.PRNGKey(1), (2, 12, 8, 8))
+    np.testing.assert_allclose(np.asarray(_avg_pool2(h)),
+                               np.asarray(h.reshape(2, 3, 2, 2, 2, 8).mean(axis=(2, 4))),
+                               rtol=1e-6, atol=1e-6)
+    up = lambda z: jnp.repeat(jnp.repeat(z, 2, axis=1), 2, axis=2)
+    out, (g,) = _vjp_all(_upsample2, (h,), ct)
+    ref, (g_ref,) = _vjp_all(up, (h,), ct)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(spatial_mean(h)), np.asarray(h.mean(axis=(1, 2))),
+                               rtol=1e-6, atol=1e-6)
+    ref = np.asarray(h).reshape(2, 24, 2, 4).mean(axis=(1, 3))  # 2 groups of 4 channels
+    np.testing.assert_allclose(np.asarray(group_mean(h, 2))[:, 0, 0],
+                               np.repeat(ref, 4, axis=-1), rtol=1e-6, atol=1e-6)

@@ -68,20 +68,72 @@ def _stat(v: jax.Array, frozen: bool) -> jax.Array:
     return jax.lax.stop_gradient(v) if frozen else v
 
 
+def _pad_axis_transpose(g: jax.Array, axis: int, r: int, padding: str) -> jax.Array:
+    """Adjoint of padding `axis` by `r` entries per side ('REFLECT' | 'CIRCULAR'): every padded
+    entry of the cotangent `g` is added to the entry it was copied from.
+
+    With `n` the unpadded length: REFLECT copies entries 1..r (reversed) to the front and
+    n-1-r..n-2 (reversed) to the back; CIRCULAR copies n-r..n-1 to the front and 0..r-1 to the
+    back. Slices, flips and zero pads only (one fused loop on CPU, where the autodiff transpose
+    of `jnp.pad` runs as several loops).
+    """
+    n = g.shape[axis] - 2 * r
+    core = jax.lax.slice_in_dim(g, r, r + n, axis=axis)
+    lo = jax.lax.slice_in_dim(g, 0, r, axis=axis)
+    hi = jax.lax.slice_in_dim(g, n + r, n + 2 * r, axis=axis)
+    if padding == "REFLECT":
+        lo, hi = jnp.flip(lo, axis), jnp.flip(hi, axis)
+        lo_at, hi_at = (1, n - 1 - r), (n - 1 - r, 1)
+    else:
+        lo_at, hi_at = (n - r, 0), (0, n - r)
+    widths = lambda at: [(0, 0)] * axis + [at] + [(0, 0)] * (g.ndim - axis - 1)
+    return core + jnp.pad(lo, widths(lo_at)) + jnp.pad(hi, widths(hi_at))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _pad_hw(h: jax.Array, r: int, padding: str) -> jax.Array:
+    """Periodic or mirror padding of H and W of NHWC `h` by `r`, with `_pad_axis_transpose`
+    as its VJP."""
+    mode = _JNP_PAD_MODE[padding]
+    return jnp.pad(h, ((0, 0), (r, r), (r, r), (0, 0)), mode=mode)
+
+
+def _pad_hw_fwd(h, r, padding):
+    return _pad_hw(h, r, padding), None
+
+
+def _pad_hw_bwd(r, padding, _, g):
+    return (_pad_axis_transpose(_pad_axis_transpose(g, 1, r, padding), 2, r, padding),)
+
+
+_pad_hw.defvjp(_pad_hw_fwd, _pad_hw_bwd)
+
+
 def _pad(h: jax.Array, r: int, padding: str) -> jax.Array:
     """Pads H and W of NHWC `h` by `r` pixels: periodic, mirror, or zeros."""
-    return jnp.pad(h, ((0, 0), (r, r), (r, r), (0, 0)), mode=_JNP_PAD_MODE[padding])
+    if padding == "SAME":  # zeros: the autodiff transpose is a plain slice
+        return jnp.pad(h, ((0, 0), (r, r), (r, r), (0, 0)))
+    return _pad_hw(h, r, padding)
+
+
+def _sum_pool2(h: jax.Array) -> jax.Array:
+    """Sum over each 2x2 block, stride 2, NHWC: four strided slices added (a loop, where a
+    reshape-and-mean is a reduction call on CPU)."""
+    return h[:, 0::2, 0::2] + h[:, 0::2, 1::2] + h[:, 1::2, 0::2] + h[:, 1::2, 1::2]
 
 
 def _avg_pool2(h: jax.Array) -> jax.Array:
     """2x2 average pooling with stride 2, NHWC."""
-    b, hh, ww, c = h.shape
-    return h.reshape(b, hh // 2, 2, ww // 2, 2, c).mean(axis=(2, 4))
+    return 0.25 * _sum_pool2(h)
 
 
+@jax.custom_vjp
 def _upsample2(h: jax.Array) -> jax.Array:
-    """Nearest-neighbour 2x upsampling, NHWC."""
+    """Nearest-neighbour 2x upsampling, NHWC; its VJP is `_sum_pool2` of the cotangent."""
     return jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
+
+
+_upsample2.defvjp(lambda h: (_upsample2(h), None), lambda _, g: (_sum_pool2(g),))
 
 
 class Conv3x3(nn.Module):
@@ -100,11 +152,81 @@ class Conv3x3(nn.Module):
         return conv(_pad(h, self.dilation, self.padding))
 
 
+def spatial_mean(v: jax.Array) -> jax.Array:
+    """`mean_{H,W} v` for NHWC `v`, [B, C].
+
+    Written as a product with a constant vector (`[B, H*W, C] . 1/(H W)`) at float32 precision:
+    XLA:CPU hands reductions to a library call with a fixed cost of tens of microseconds, which
+    dominates `b_psi` at batch 1 (benchmarks/bias_cost.py), while the product is cheap.
+    """
+    b, hh, ww, c = v.shape
+    ones = jnp.full((b, 1, hh * ww), 1.0 / (hh * ww), v.dtype)  # [B, 1, HW] @ [B, HW, C]: no
+    return jnp.matmul(ones, v.reshape(b, hh * ww, c),            # transpose of v is needed
+                      precision=jax.lax.Precision.HIGHEST)[:, 0]
+
+
+def group_mean(v: jax.Array, groups: int) -> jax.Array:
+    """GroupNorm's statistic: the mean of `v` [B, H, W, C] over H, W and the C / groups channels
+    of each group, returned per channel, [B, 1, 1, C]."""
+    c = v.shape[-1]
+    k = c // groups
+    avg = np.kron(np.eye(groups), np.full((k, k), 1.0 / k))  # block-diagonal, float64
+    m = jnp.dot(spatial_mean(v), avg.astype(v.dtype), precision=jax.lax.Precision.HIGHEST)
+    return m[:, None, None, :]
+
+
+def _norm_film_silu_fwd(h, scale, bias, gamma, beta, groups, eps, freeze_stats):
+    del freeze_stats  # only changes the backward pass
+    mean = group_mean(h, groups)
+    d = h - mean
+    inv = jax.lax.rsqrt(group_mean(d * d, groups) + eps)
+    xhat = d * inv
+    z = (xhat * scale + bias) * (1.0 + gamma) + beta
+    sig = jax.nn.sigmoid(z)
+    return z * sig, (xhat, inv, z, sig, scale, bias, gamma)
+
+
+def _norm_film_silu_bwd(groups, eps, freeze_stats, res, g):
+    del eps
+    xhat, inv, z, sig, scale, bias, gamma = res
+    dz = g * sig * (1.0 + z * (1.0 - sig))  # silu'(z) = s (1 + z (1 - s)), s = sigmoid(z)
+    d_beta = jnp.sum(dz, axis=(1, 2), keepdims=True)
+    d_gamma = jnp.sum(dz * (xhat * scale + bias), axis=(1, 2), keepdims=True)
+    dy = dz * (1.0 + gamma)
+    d_scale = jnp.sum(dy * xhat, axis=(0, 1, 2))
+    d_bias = jnp.sum(dy, axis=(0, 1, 2))
+    dxh = dy * scale
+    if freeze_stats:
+        dh = dxh * inv
+    else:  # d/dh of (h - mean) / sqrt(var + eps) through both statistics
+        dh = inv * (dxh - group_mean(dxh, groups) - xhat * group_mean(dxh * xhat, groups))
+    return dh, d_scale, d_bias, d_gamma, d_beta
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def norm_film_silu(h: jax.Array, scale: jax.Array, bias: jax.Array, gamma: jax.Array,
+                   beta: jax.Array, groups: int, eps: float, freeze_stats: bool) -> jax.Array:
+    """`silu(GN(h) (1 + gamma) + beta)` with `GN(h) = (h - mean_g) / sqrt(var_g + eps) * scale +
+    bias`; `h` [B, H, W, C], `scale`, `bias` [C], `gamma`, `beta` [B, 1, 1, C].
+
+    One op with a hand-written VJP: the backward pass reuses the forward's normalized `h` and
+    sigmoid instead of recomputing them in each of several fused loops, and takes the group
+    means of the gradient as products (`group_mean`). `freeze_stats` treats the group mean and
+    variance as constants in the VJP. tests/test_bias_model.py checks values and VJPs against
+    plain autodiff of the same formula.
+    """
+    return _norm_film_silu_fwd(h, scale, bias, gamma, beta, groups, eps, freeze_stats)[0]
+
+
+norm_film_silu.defvjp(_norm_film_silu_fwd, _norm_film_silu_bwd)
+
+
 class GroupNorm(nn.Module):
     """GroupNorm `(h - mean_g) / sqrt(var_g + eps) * scale + bias` over (H, W, channels of g).
 
-    `freeze_stats` stops the gradient through the group mean and variance (the value is
-    unchanged), which makes the op pointwise for gradient footprints.
+    With `film=(gamma, beta)` it returns `silu(GroupNorm(h) (1 + gamma) + beta)` as one op
+    (`norm_film_silu`). `freeze_stats` stops the gradient through the group mean and variance
+    (the value is unchanged), which makes the op pointwise for gradient footprints.
     """
 
     groups: int = 8
@@ -112,16 +234,18 @@ class GroupNorm(nn.Module):
     freeze_stats: bool = False
 
     @nn.compact
-    def __call__(self, h: jax.Array) -> jax.Array:
-        b, hh, ww, c = h.shape
+    def __call__(self, h: jax.Array, film: tuple[jax.Array, jax.Array] | None = None
+                 ) -> jax.Array:
+        c = h.shape[-1]
         g = math.gcd(self.groups, c)
-        hg = h.reshape(b, hh, ww, g, c // g)
-        mean = _stat(hg.mean(axis=(1, 2, 4), keepdims=True), self.freeze_stats)
-        var = _stat(hg.var(axis=(1, 2, 4), keepdims=True), self.freeze_stats)
-        hg = (hg - mean) * jax.lax.rsqrt(var + self.eps)
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
-        return hg.reshape(b, hh, ww, c) * scale + bias
+        if film is not None:
+            return norm_film_silu(h, scale, bias, *film, g, self.eps, self.freeze_stats)
+        mean = _stat(group_mean(h, g), self.freeze_stats)
+        d = h - mean
+        var = _stat(group_mean(d * d, g), self.freeze_stats)
+        return d * jax.lax.rsqrt(var + self.eps) * scale + bias
 
 
 class Block(nn.Module):
@@ -135,10 +259,10 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, h: jax.Array, e: jax.Array) -> jax.Array:
         h = Conv3x3(self.features, self.padding, self.dilation)(h)
-        h = GroupNorm(freeze_stats=self.freeze_stats)(h)
+        norm = GroupNorm(freeze_stats=self.freeze_stats)
         film = nn.Dense(2 * self.features, kernel_init=nn.initializers.zeros)(nn.silu(e))
         gamma, beta = jnp.split(film[:, None, None, :], 2, axis=-1)
-        return nn.silu(h * (1.0 + gamma) + beta)
+        return norm(h, film=(gamma, beta))  # silu(GroupNorm(h) (1 + gamma) + beta)
 
 
 class GlobalAdd(nn.Module):
@@ -148,7 +272,7 @@ class GlobalAdd(nn.Module):
 
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
-        m = _stat(h.mean(axis=(1, 2)), self.freeze_stats)
+        m = _stat(spatial_mean(h), self.freeze_stats)
         return h + nn.Dense(h.shape[-1])(m)[:, None, None, :]
 
 
@@ -208,8 +332,9 @@ class BiasNet(nn.Module):
             e = e + nn.Dense(f, name="cond_proj")(pooled)
 
         if self.normalize:
-            mu = _stat(x.mean(axis=(1, 2), keepdims=True), fr)
-            sd = _stat(jnp.sqrt(x.var(axis=(1, 2), keepdims=True) + self.eps**2), fr)
+            mu = _stat(spatial_mean(x)[:, None, None, :], fr)
+            var = spatial_mean((x - mu) ** 2)[:, None, None, :]
+            sd = _stat(jnp.sqrt(var + self.eps**2), fr)
             xn = (x - mu) / sd if self.center else x / sd
         else:
             sd, xn = 1.0, x
@@ -225,7 +350,7 @@ class BiasNet(nn.Module):
         h = GlobalAdd(fr, name="global_out")(h)
         r = Conv3x3(c, pad, zero_init=True, name="conv_out")(h)
         if not (self.normalize and self.center):  # DC path; mean(xn) = 0 when centred
-            m = _stat(xn.mean(axis=(1, 2)), fr)  # [B, C]
+            m = _stat(spatial_mean(xn), fr)  # [B, C]
             k = nn.Dense(c * c, kernel_init=nn.initializers.zeros, name="dc_map")(nn.silu(e))
             r = r + jnp.einsum("bij,bj->bi", k.reshape(bsz, c, c), m)[:, None, None, :]
             # Skip gate g(t) (starts at 1): b = g(t) x + sd r. At large t the deficiency is a

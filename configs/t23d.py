@@ -6,11 +6,13 @@
 
 Default preset: Stable Diffusion 2.1-base from `prior.path` (a local diffusers folder or hub
 id), LMC-SDS at w = 7.5 with a b_psi trained by configs/bias.py, 10k steps, 64x64 renders
-upsampled to 512 and VAE-encoded (as threestudio does). Expected time on one GPU/TPU host: an
-estimate, not a measurement (no accelerator has been available to this project yet): a step is
-one UNet forward on a cond+uncond batch of 64x64x4 latents (~0.8 TFLOP), the VAE encoder
-forward and backward at 512x512 (~0.8 TFLOP) and a 64x64 render with 128 samples per ray;
-at 30-40% of an A100/H100's bf16 peak that is 0.1-0.2 s per step, 15-35 minutes for 10k steps.
+upsampled to 512 and VAE-encoded (as threestudio does). Cost of a step, counted by XLA
+(`python benchmarks/t23d_step.py --compile-only`, bf16): 3.9 TFLOP, of which 1.6 for the UNet on
+the cond+uncond batch of 64x64x4 latents, 2.3 for the VAE encoder's forward and backward at
+512x512 and 0.06 for rendering and the field. Its time on a GPU/TPU has not been measured yet (no
+accelerator has been available to this project): at 30-40% of an H100's bf16 peak the matrix
+work alone is 10-13 ms per step, and the renderer's small ops add to it;
+`benchmarks/t23d_step.py` measures it.
 
 Presets that need no weights (offline, 2 CPU cores):
 - `:tiny` the embedded prior (a 32x32 text-to-image model of coloured shapes shipped with

@@ -173,7 +173,12 @@ def make_step(config, prior: Prior, field: MLPField, background, opt, emb_views,
               "emb_null": parallel.replicate(emb_null, mesh)}
     jitted = jax.jit(step_fn, in_shardings=(rep, parallel.sharding_of(consts)),
                      out_shardings=(rep, rep))
-    return lambda state: jitted(state, consts)
+
+    def step(state: T23DState):
+        return jitted(state, consts)
+
+    step.jitted, step.consts = jitted, consts  # `step.jitted.lower(state, step.consts)` (AOT)
+    return step
 
 
 def render_orbit(field: MLPField, params, config, num: int, size: int, elevation: float = 15.0,

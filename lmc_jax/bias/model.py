@@ -28,6 +28,13 @@ window is not centred, its offset follows the 4 x 4 pooling grid), well above th
 17 x 17 that a 1/f^2 Wiener filter at large `t` needs; the two global-mean paths (and the
 normalization statistics and GroupNorm) add per-image terms from the whole image, so a DC gain
 is representable.
+
+Cost: LMC-SDS runs `b_psi`'s forward and VJP in every step, at batch 1 on CPU a graph of small
+ops where each XLA op has a fixed cost. So the per-image and per-group means are products with
+constant vectors (`spatial_mean`, `group_mean`), GroupNorm + FiLM + SiLU is one op with a
+hand-written VJP (`norm_film_silu`), and padding and upsampling have loop-only VJPs; each is
+tested against autodiff of its plain formula (tests/test_bias_model.py). Together they made the
+forward+VJP 1.5x faster at batch 1 with the same outputs (BUILD.md section 7).
 """
 
 from __future__ import annotations

@@ -78,25 +78,11 @@ PEAK_BF16_TFLOPS = {
 
 
 def sd21_prior(dtype: str, seed: int = 0):
-    """A `Prior` with SD 2.1-base's architecture and random weights (`_random_params`)."""
-    from lmc_jax import _compat
-    from lmc_jax.priors.sd import _random_params, make_sd_prior
-    from lmc_jax.priors.tokenizer import byte_tokenizer_path
+    """A `Prior` with SD 2.1-base's architecture and random weights."""
+    from lmc_jax.priors.sd import make_sd_prior, random_pipeline
 
-    d, tr = _compat.diffusers(), _compat.transformers()
-    tokenizer = tr.CLIPTokenizer.from_pretrained(str(byte_tokenizer_path()))
-    unet = d.FlaxUNet2DConditionModel(**SD21_UNET)
-    vae = d.FlaxAutoencoderKL(**SD21_VAE)
-    text_config = tr.CLIPTextConfig(bos_token_id=tokenizer.bos_token_id,
-                                    eos_token_id=tokenizer.eos_token_id,
-                                    pad_token_id=tokenizer.pad_token_id, **SD21_TEXT)
-    text_encoder = tr.FlaxCLIPTextModel(text_config, _do_init=False)
-    key = jax.random.PRNGKey(0)  # only shapes are read
-    params = {
-        "unet": _random_params(jax.eval_shape(unet.init_weights, key), seed, 0),
-        "vae": _random_params(jax.eval_shape(vae.init_weights, key), seed, 1),
-        "text_encoder": _random_params(text_encoder.params_shape_tree, seed, 2),
-    }
+    unet, vae, text_encoder, tokenizer, params = random_pipeline(SD21_UNET, SD21_VAE, SD21_TEXT,
+                                                                 seed)
     return make_sd_prior(unet, vae, text_encoder, tokenizer, params, SD21_SCHEDULER,
                          dtype=dtype, name="sd21-base-random")
 

@@ -566,27 +566,41 @@ def _random_params(shapes: Any, seed: int, stream: int) -> Any:
     return jax.tree_util.tree_map_with_path(leaf, dict(shapes))
 
 
-@functools.cache
-def _tiny_pipeline(seed: int, image_size: int) -> tuple[Any, ...]:
-    """(unet, vae, text_encoder, tokenizer, host params, scheduler config), float32."""
-    if image_size < 8 or image_size % 4:
-        raise UserError(f"tiny SD image_size {image_size} must be a multiple of 4 and >= 8 "
-                        "(latents are image_size/2 and the UNet halves them once)")
+def random_pipeline(unet_config: dict[str, Any], vae_config: dict[str, Any],
+                    text_config: dict[str, Any], seed: int = 0) -> tuple[Any, ...]:
+    """(unet, vae, text_encoder, tokenizer, host float32 params) of an SD architecture given by
+    the three models' config keys, with random weights (`_random_params`) and the byte
+    tokenizer (`text_config`'s vocab_size defaults to the tokenizer's length).
+
+    The tiny prior below uses it, and benchmarks/t23d_step.py builds SD 2.1-base's real-size
+    architecture with it (no download: the cost of a step does not depend on the weights).
+    """
     d, tr = _compat.diffusers(), _compat.transformers()
     tokenizer = tr.CLIPTokenizer.from_pretrained(str(byte_tokenizer_path()))
-    unet = d.FlaxUNet2DConditionModel(sample_size=image_size // 2, **TINY_UNET)
-    vae = d.FlaxAutoencoderKL(sample_size=image_size, **TINY_VAE)
-    text_config = tr.CLIPTextConfig(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TINY_TEXT)
-    text_encoder = tr.FlaxCLIPTextModel(text_config, _do_init=False)
+    unet = d.FlaxUNet2DConditionModel(**unet_config)
+    vae = d.FlaxAutoencoderKL(**vae_config)
+    text_encoder = tr.FlaxCLIPTextModel(tr.CLIPTextConfig(**{
+        "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+        **text_config}), _do_init=False)
     key = jax.random.PRNGKey(0)  # only shapes are read
     params = {
         "unet": _random_params(jax.eval_shape(unet.init_weights, key), seed, 0),
         "vae": _random_params(jax.eval_shape(vae.init_weights, key), seed, 1),
         "text_encoder": _random_params(text_encoder.params_shape_tree, seed, 2),
     }
-    return unet, vae, text_encoder, tokenizer, params, dict(TINY_SCHEDULER)
+    return unet, vae, text_encoder, tokenizer, params
+
+
+@functools.cache
+def _tiny_pipeline(seed: int, image_size: int) -> tuple[Any, ...]:
+    """(unet, vae, text_encoder, tokenizer, host params, scheduler config), float32."""
+    if image_size < 8 or image_size % 4:
+        raise UserError(f"tiny SD image_size {image_size} must be a multiple of 4 and >= 8 "
+                        "(latents are image_size/2 and the UNet halves them once)")
+    parts = random_pipeline(dict(TINY_UNET, sample_size=image_size // 2),
+                            dict(TINY_VAE, sample_size=image_size), TINY_TEXT, seed)
+    return (*parts, dict(TINY_SCHEDULER))
 
 
 def tiny_sd_prior(seed: int = 0, image_size: int = 64, dtype: str = "float32",

@@ -30,7 +30,6 @@ if __name__ == "__main__":
     _runtime.maybe_reexec_with_fast_malloc(sys.argv)
 
 import argparse
-import importlib.util
 import os
 import statistics
 import tempfile
@@ -43,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmc_jax import io
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
 
 # Stable Diffusion 2.1-base, from its unet/, vae/, text_encoder/ and scheduler/ config.json.
 SD21_UNET = dict(
@@ -89,11 +90,9 @@ def sd21_prior(dtype: str, seed: int = 0):
 
 def t23d_config(method: str, arch: str, bias_path: str):
     """configs/t23d.py's default (real-size) preset with `method`; `tiny`: the tiny prior."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "t23d.py")
-    spec = importlib.util.spec_from_file_location("t23d_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    from lmc_jax.config import load_config
+
+    config = load_config(os.path.join(CONFIGS, "t23d.py"))
     config.prompt = "a DSLR photo of a red fox"
     config.guidance.method = method
     config.guidance.bias_path = bias_path

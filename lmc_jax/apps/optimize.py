@@ -50,6 +50,29 @@ def make_optimizer(name: str, lr: float) -> optax.GradientTransformation:
     raise UserError(f"optimizer must be 'adam' or 'sgd', got {name!r}")
 
 
+def make_x_step(prior: Prior, cond: Conditioning, fn: Callable, hp: GuidanceParams,
+                gcfg: ml_collections.ConfigDict, *, steps: int,
+                optimizer: optax.GradientTransformation, key: jax.Array,
+                grad_scale: float = 1.0) -> Callable:
+    """The jitted step `(x, opt_state, i, prior_params) -> (x, opt_state, scalars)`: noise
+    and timesteps for step `i`, the guidance gradient, one optimizer update of `x` [B, ...].
+
+    The prior's params are an argument (placed by the caller, e.g. split over a mesh's 'model'
+    axis), not constants baked into the compiled step (GBs for Stable Diffusion).
+    """
+
+    @jax.jit
+    def step(x, opt_state, i, prior_params):
+        pr = prior.replace(params=prior_params)
+        hp_ = rebind_exact_bias(hp, prior, pr)
+        t, eps = noise_for_step(gcfg, key, i, x.shape[0], pr.x_shape, steps)
+        out = fn(pr, x, t, eps, cond, hp_)
+        updates, opt_state = optimizer.update(grad_scale * out.grad, opt_state, x)
+        return optax.apply_updates(x, updates), opt_state, out.scalars
+
+    return step
+
+
 def optimize_x(prior: Prior, x0: jax.Array, cond: Conditioning, fn: Callable,
                hp: GuidanceParams, gcfg: ml_collections.ConfigDict, *, steps: int,
                optimizer: optax.GradientTransformation, key: jax.Array, grad_scale: float = 1.0,
@@ -62,19 +85,8 @@ def optimize_x(prior: Prior, x0: jax.Array, cond: Conditioning, fn: Callable,
     scalars are logged every `log_every` steps and the snapshots as images, names prefixed by
     `tag`.
     """
-    n = x0.shape[0]
-
-    # The prior's params are an argument (placed by the caller, e.g. split over a mesh's
-    # 'model' axis), not constants baked into the compiled step (GBs for Stable Diffusion).
-    @jax.jit
-    def step(x, opt_state, i, prior_params):
-        pr = prior.replace(params=prior_params)
-        hp_ = rebind_exact_bias(hp, prior, pr)
-        t, eps = noise_for_step(gcfg, key, i, n, pr.x_shape, steps)
-        out = fn(pr, x, t, eps, cond, hp_)
-        updates, opt_state = optimizer.update(grad_scale * out.grad, opt_state, x)
-        return optax.apply_updates(x, updates), opt_state, out.scalars
-
+    step = make_x_step(prior, cond, fn, hp, gcfg, steps=steps, optimizer=optimizer, key=key,
+                       grad_scale=grad_scale)
     x, opt_state = x0, optimizer.init(x0)
     snaps = [np.asarray(prior.decode(x0))] if 0 in snapshot_steps else []
     scalars: dict = {}

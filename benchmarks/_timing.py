@@ -1,4 +1,4 @@
-"""Timing and memory helpers shared by the scripts in `benchmarks/` (not a public API).
+"""Timing, memory and setup helpers shared by the scripts in `benchmarks/` (not a public API).
 
 The scripts run as `python benchmarks/<name>.py`, so this module is imported as `_timing` from
 the script's own folder. It imports neither JAX nor torch at module level: `time_ms` takes the
@@ -148,3 +148,18 @@ def peak_rss_delta_mib(fn: Callable[[], object], sync: Callable[[object], object
     if before is None or peak is None:
         return None
     return max(peak - before, 0.0)
+
+
+def save_random_bias(prior, directory: str) -> str:
+    """Saves a random-init `BiasNet` of the shipped size (features 32, REFLECT) for `prior` into
+    `directory` (a `guidance.bias_path`): the cost of LMC-SDS does not depend on its weights."""
+    import jax
+    import jax.numpy as jnp
+
+    from lmc_jax.bias import BiasNet
+    from lmc_jax.bias.store import save_bias
+
+    module = BiasNet(features=32, padding="REFLECT")
+    params = module.init(jax.random.PRNGKey(0), jnp.zeros((1, *prior.x_shape)),
+                         jnp.zeros((1,), jnp.int32))["params"]
+    return save_bias(directory, module, params, prior)

@@ -40,8 +40,6 @@ import jax.numpy as jnp
 import optax
 
 from lmc_jax import io, parallel
-from lmc_jax.bias import BiasNet
-from lmc_jax.bias.store import save_bias
 from lmc_jax.config import guidance_config, load_config
 from lmc_jax.guidance import Conditioning
 from lmc_jax.guidance.from_config import build_guidance
@@ -89,21 +87,13 @@ def i2i_step(prior, method: str, batch: int, bias_dir: str) -> Callable[[], obje
 
 def t23d_step(prior, method: str, batch: int, bias_dir: str) -> Callable[[], object]:
     from lmc_jax.apps import t23d
-    from lmc_jax.nerf import shading
 
     config = load_config(os.path.join(CONFIGS, "t23d.py"))
     tiny = load_config(os.path.join(CONFIGS, "t23d.py"), "tiny")
     config.render, config.field = tiny.render, tiny.field
     config.guidance = _guidance(method, bias_dir)
     config.batch = batch
-    mesh = parallel.mesh_from_config(config)
-    field = t23d.build_field(config.field)
-    background = shading.BackgroundMLP()
-    opt = optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adam(config.lr))
-    state = parallel.replicate(t23d.init_state(config, field, background, opt), mesh)
-    emb_views = t23d.view_embeddings(prior, PROMPT, config.view_dependent_prompt)
-    step = t23d.make_step(config, prior, field, background, opt, emb_views,
-                          prior.embed_text([""]), mesh)
+    _, state, step = t23d.setup(config, prior, PROMPT, parallel.mesh_from_config(config))
     return lambda: step(state)
 
 
@@ -125,11 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     load_before = _timing.load_average()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        bias_dir = os.path.join(tmp, "bias")
-        module = BiasNet(features=32, padding="REFLECT")
-        params = module.init(jax.random.PRNGKey(0), jnp.zeros((1, *prior.x_shape)),
-                             jnp.zeros((1,), jnp.int32))["params"]
-        save_bias(bias_dir, module, params, prior)
+        bias_dir = _timing.save_random_bias(prior, os.path.join(tmp, "bias"))
         for app in args.apps:
             for batch in args.batches:
                 fns = {m: (BUILDERS[app](prior, m, batch, bias_dir), _timing.block_jax)

@@ -38,7 +38,6 @@ from typing import Any
 
 import _timing  # benchmarks/_timing.py (this script's folder is on sys.path)
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lmc_jax import io
@@ -120,21 +119,11 @@ def peak_tflops(explicit: float | None) -> tuple[float | None, str]:
 def measure(method: str, prior, arch: str, bias_dir: str, steps: int, warmup: int,
             compile_only: bool) -> dict[str, Any]:
     """Builds the t23d step for `method`, returns its FLOP count and step times."""
-    import optax
-
     from lmc_jax import parallel
     from lmc_jax.apps import t23d
-    from lmc_jax.nerf import shading
 
     config = t23d_config(method, arch, bias_dir)
-    mesh = parallel.mesh_from_config(config)
-    field = t23d.build_field(config.field)
-    background = shading.BackgroundMLP()
-    opt = optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adam(config.lr))
-    state = parallel.replicate(t23d.init_state(config, field, background, opt), mesh)
-    emb_views = t23d.view_embeddings(prior, config.prompt, config.view_dependent_prompt)
-    emb_null = prior.embed_text([""])
-    step = t23d.make_step(config, prior, field, background, opt, emb_views, emb_null, mesh)
+    _, state, step = t23d.setup(config, prior, config.prompt, parallel.mesh_from_config(config))
     t0 = time.perf_counter()
     lowered = step.jitted.lower(state, step.consts)
     row: dict[str, Any] = {"method": method,
@@ -182,8 +171,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
-    from lmc_jax.bias import BiasNet
-    from lmc_jax.bias.store import save_bias
     from lmc_jax.priors.sd import tiny_sd_prior
 
     t0 = time.perf_counter()
@@ -197,11 +184,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        bias_dir = os.path.join(tmp, "bias")  # random-init b_psi of the shipped size
-        module = BiasNet(features=32, padding="REFLECT")
-        bias_params = module.init(jax.random.PRNGKey(0), jnp.zeros((1, *prior.x_shape)),
-                                  jnp.zeros((1,), jnp.int32))["params"]
-        save_bias(bias_dir, module, bias_params, prior)
+        bias_dir = _timing.save_random_bias(prior, os.path.join(tmp, "bias"))
         for method in args.methods:
             row = measure(method, prior, args.arch, bias_dir, args.steps, args.warmup,
                           args.compile_only)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -223,6 +224,20 @@ def init_state(config, field: MLPField, background, opt) -> T23DState:
                      opt_state=opt.init(params), key=k_run)
 
 
+def setup(config: ml_collections.ConfigDict, prior: Prior, prompt: str,
+          mesh: jax.sharding.Mesh) -> tuple[MLPField, T23DState, Callable]:
+    """The field, its fresh state (replicated on `mesh`) and the jitted step toward `prompt`:
+    what `train` runs, and what benchmarks/ time."""
+    field = build_field(config.field)
+    background = shading.BackgroundMLP()
+    opt = optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adam(config.lr))
+    state = parallel.replicate(init_state(config, field, background, opt), mesh)
+    emb_views = view_embeddings(prior, prompt, config.view_dependent_prompt)
+    step = make_step(config, prior, field, background, opt, emb_views, prior.embed_text([""]),
+                     mesh)
+    return field, state, step
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, prior: Prior | None = None,
           mesh: jax.sharding.Mesh | None = None) -> dict:
     """Optimizes (or resumes) the field; returns `{field, state, metrics, seconds, start_step}`.
@@ -238,17 +253,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, prior: Prior | Non
     ckpt = Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
     try:
         ckpt.check_resume(cfg_json, FIXED_KEYS)
-        field = build_field(config.field)
-        background = shading.BackgroundMLP()
-        opt = optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adam(config.lr))
-        state = parallel.replicate(init_state(config, field, background, opt), mesh)
+        field, state, step_fn = setup(config, prior, prompt, mesh)
         restored = ckpt.restore_latest(state, cfg_json, FIXED_KEYS)
         if restored is not None:
             state = restored[0]
             logging.info("resumed from step %d", int(state.step))
-        emb_views = view_embeddings(prior, prompt, config.view_dependent_prompt)
-        emb_null = prior.embed_text([""])
-        step_fn = make_step(config, prior, field, background, opt, emb_views, emb_null, mesh)
         start, start_step = time.time(), int(state.step)
         metrics = {}
         main = parallel.is_main_process()

@@ -182,12 +182,18 @@ def group_mean(v: jax.Array, groups: int) -> jax.Array:
     return m[:, None, None, :]
 
 
+def _group_normalize(h: jax.Array, groups: int, eps: float, frozen: bool = False
+                     ) -> tuple[jax.Array, jax.Array]:
+    """`(xhat, inv)`: `xhat = (h - mean_g) * inv`, `inv = 1 / sqrt(var_g + eps)` (two-pass
+    group statistics; `frozen` stops their gradients)."""
+    d = h - _stat(group_mean(h, groups), frozen)
+    inv = jax.lax.rsqrt(_stat(group_mean(d * d, groups), frozen) + eps)
+    return d * inv, inv
+
+
 def _norm_film_silu_fwd(h, scale, bias, gamma, beta, groups, eps, freeze_stats):
     del freeze_stats  # only changes the backward pass
-    mean = group_mean(h, groups)
-    d = h - mean
-    inv = jax.lax.rsqrt(group_mean(d * d, groups) + eps)
-    xhat = d * inv
+    xhat, inv = _group_normalize(h, groups, eps)
     z = (xhat * scale + bias) * (1.0 + gamma) + beta
     sig = jax.nn.sigmoid(z)
     return z * sig, (xhat, inv, z, sig, scale, bias, gamma)
@@ -249,10 +255,7 @@ class GroupNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,))
         if film is not None:
             return norm_film_silu(h, scale, bias, *film, g, self.eps, self.freeze_stats)
-        mean = _stat(group_mean(h, g), self.freeze_stats)
-        d = h - mean
-        var = _stat(group_mean(d * d, g), self.freeze_stats)
-        return d * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return _group_normalize(h, g, self.eps, self.freeze_stats)[0] * scale + bias
 
 
 class Block(nn.Module):

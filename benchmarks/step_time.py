@@ -16,7 +16,7 @@ followed by the update `x <- x - lr * grad`.
   in-memory half of `load_flax_checkpoint_in_pytorch_model`), the same text embeddings, and a
   line-by-line port of `BiasNet` with the same weights; `torch.set_num_threads(2)`.
   Before timing, every process checks that the torch UNet's eps and both steps' gradients match
-  JAX (about 1e-4 relative: Flax's GEGLU uses tanh-GELU, DESIGN.md section 3).
+  JAX (about 1e-4 relative: Flax's GEGLU uses tanh-GELU, docs/design.md section 5).
 
 Protocol: `--processes` fresh worker processes run one after the other; each warms up, then
 times the four steps (JAX SDS, torch SDS, JAX LMC, torch LMC) alternately, in a random order

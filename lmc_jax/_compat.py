@@ -1,6 +1,6 @@
 """The one place where diffusers 0.39 is patched to run on jax >= 0.10.
 
-Known breakages (DESIGN.md section 3):
+Known breakages (docs/design.md section 3):
 - `jax.tree_map` was removed; diffusers' `FlaxModelMixin.to_bf16/to_fp16/to_fp32` call it.
 - `FlaxDDPMScheduler.step` calls `jnp.clip(a_min=...)`; we never call `step` (guidance only
   needs `alphas_cumprod`), so it is left alone.

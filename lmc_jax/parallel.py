@@ -1,4 +1,4 @@
-"""Data (and optional model) parallelism with `jax.sharding` (DESIGN.md section 2).
+"""Data (and optional model) parallelism with `jax.sharding` (docs/design.md section 2.6).
 
 One 2-D mesh over all devices with axes `('data', 'model')`:
 - the batch (t23d's cameras/views, bias training's images, synth's `x`) is split over `data`

@@ -1,4 +1,7 @@
-"""The learned deficiency model `b_psi(x, t) ~ E_eps[x_hat]` of LMC-SDS (DESIGN.md section 1)."""
+"""The learned deficiency model `b_psi(x, t) ~ E_eps[x_hat]` of LMC-SDS.
+
+See docs/design.md section 1.3 (the method) and 1.4 (why `b_psi` must stay shallow).
+"""
 
 from lmc_jax.bias.model import (
     BiasNet,

@@ -1,4 +1,4 @@
-"""The learned deficiency `b_psi(x, t)` of LMC-SDS (DESIGN.md section 1).
+"""The learned deficiency `b_psi(x, t)` of LMC-SDS (docs/design.md section 1.3).
 
 `b_psi` predicts, for a *clean* image or latent `x` [B, H, W, C] and timesteps `t` [B], the
 denoiser's expected one-step estimate

@@ -1,4 +1,4 @@
-"""Training of `b_psi` (DESIGN.md section 1):
+"""Training of `b_psi` (docs/design.md section 1.3):
 
     min_psi E_{x, t, eps} || b_psi(x, t) - sg(x_hat_phi(a_t x + s_t eps; t)) ||^2
 

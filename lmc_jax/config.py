@@ -19,7 +19,8 @@ def prior_config(name: str = "gaussian", **overrides) -> ml_collections.ConfigDi
     """The `prior` section.
 
     name: 'gaussian' (exact, one component), 'gaussian_mixture' (exact, coloured classes
-      selected by the prompt), 'tiny_sd' (random SD-architecture, offline), 'embedded' (the
+      selected by the prompt), 'gaussian_patterns' (exact, six textured classes: stripes,
+      bars, checker, dots, rings, diagonal; lmc_jax.priors.gaussian.pattern_classes), 'tiny_sd' (random SD-architecture, offline), 'embedded' (the
       shipped 32x32 text-to-image prior of coloured shapes, offline; `path` may point at
       another folder made by configs/train_prior.py) or 'sd' (Stable Diffusion from `path`: a
       local diffusers folder or a hub id).

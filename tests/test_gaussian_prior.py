@@ -120,3 +120,95 @@ def test_wrong_shape_is_a_clear_error():
     prior = gaussian.gaussian_prior(resolution=8)
     with pytest.raises(UserError, match=r"\[batch, 8, 8, 3\]"):
         prior.check_x(jnp.zeros((1, 16, 16, 3)))
+
+
+def _random_pattern_prior(res: int = 6, k: int = 3, variance: float = 0.05):
+    rng = np.random.default_rng(11)
+    classes = {f"c{i}": rng.uniform(-0.8, 0.8, size=(res, res, 1)).astype(np.float32)
+               for i in range(k)}
+    return gaussian.gaussian_prior(resolution=res, channels=1, variance=variance,
+                                   classes=classes), classes
+
+
+def test_pattern_mixture_posterior_matches_dense():
+    res = 6
+    prior, classes = _random_pattern_prior(res)
+    cov = dense_covariance(np.asarray(prior.params["lam"], np.float64))
+    mus = [np.asarray(m, np.float64).ravel() for m in classes.values()]
+    log_pi = np.asarray(prior.params["log_pi"], np.float64)
+    rng = np.random.default_rng(1)
+    for t in [30, 400, 900]:
+        a, s = (float(v[0]) for v in schedule.alpha_sigma(prior.alphas_cumprod, jnp.array([t])))
+        # Near a blend of two components, where responsibilities are far from one-hot.
+        x_t = a * (0.5 * mus[0] + 0.5 * mus[1]) + s * rng.normal(size=res * res)
+        want = dense_posterior_mean(x_t, a, s, mus, log_pi, cov)
+        got = gaussian.posterior_mean(prior.params, jnp.asarray(x_t.reshape(1, res, res, 1),
+                                                                jnp.float32),
+                                      jnp.array([t]), prior.embed_text([""]),
+                                      prior.alphas_cumprod)
+        np.testing.assert_allclose(np.asarray(got).ravel(), want, atol=2e-4)
+
+
+def test_linear_bias_is_wiener_filter_of_moment_matched_gaussian():
+    res = 6
+    prior, classes = _random_pattern_prior(res)
+    cov_s = dense_covariance(np.asarray(prior.params["lam"], np.float64))
+    mus = np.stack([np.asarray(m, np.float64).ravel() for m in classes.values()])
+    m = mus.mean(0)
+    cov = cov_s + (mus - m).T @ (mus - m) / len(mus)  # mixture covariance (uniform weights)
+    x = np.random.default_rng(2).normal(size=res * res) * 0.5
+    for t in [50, 500, 950]:
+        a, s = (float(v[0]) for v in schedule.alpha_sigma(prior.alphas_cumprod, jnp.array([t])))
+        want = m + a**2 * cov @ np.linalg.solve(a**2 * cov + s**2 * np.eye(res * res), x - m)
+        got = gaussian.linear_bias_fn(prior.params, jnp.asarray(x.reshape(1, res, res, 1),
+                                                                jnp.float32),
+                                      jnp.array([t]), prior.embed_text([""]),
+                                      prior.alphas_cumprod)
+        np.testing.assert_allclose(np.asarray(got).ravel(), want, atol=2e-4)
+    # A one-hot prompt leaves one component: b_lin is that component's exact deficiency.
+    emb = prior.embed_text(["c1"])
+    xj = jnp.asarray(x.reshape(1, res, res, 1), jnp.float32)
+    np.testing.assert_allclose(
+        gaussian.linear_bias_fn(prior.params, xj, jnp.array([500]), emb, prior.alphas_cumprod),
+        prior.exact_bias(xj, jnp.array([500]), emb), atol=1e-5)
+
+
+def test_log_density_matches_dense_gaussian_mixture():
+    res = 6
+    prior, classes = _random_pattern_prior(res)
+    cov = dense_covariance(np.asarray(prior.params["lam"], np.float64))
+    mus = [np.asarray(m, np.float64).ravel() for m in classes.values()]
+    x = mus[0] + np.random.default_rng(3).normal(size=res * res) * 0.1
+    _, logdet = np.linalg.slogdet(2 * np.pi * cov)
+    inv = np.linalg.inv(cov)
+    comps = [-0.5 * (x - mu) @ inv @ (x - mu) - 0.5 * logdet - np.log(len(mus)) for mu in mus]
+    want = np.logaddexp.reduce(comps)
+    got = gaussian.log_density(prior.params, jnp.asarray(x.reshape(1, res, res, 1), jnp.float32))
+    np.testing.assert_allclose(float(got[0]), want, rtol=1e-4)
+
+
+def test_posterior_bias_is_the_mean_of_x_hat():
+    """b_post (a fixed-key Monte Carlo mean) against an independent, larger Monte Carlo mean of
+    the exact x_hat; and it is not the linear model (the mixture is not Gaussian)."""
+    res = 6
+    prior, classes = _random_pattern_prior(res)
+    mus = list(classes.values())
+    x = jnp.asarray(0.5 * mus[0] + 0.5 * mus[2])[None]
+    emb = prior.embed_text([""])
+    t = jnp.array([600])
+    b = gaussian.posterior_bias_fn(prior.params, x, t, emb, prior.alphas_cumprod, num_pairs=512)
+    n = 8192
+    a, s = schedule.alpha_sigma(prior.alphas_cumprod, jnp.full((n,), 600))
+    eps = jax.random.normal(jax.random.PRNGKey(99), (n, res, res, 1))
+    xh = gaussian.posterior_mean(prior.params, schedule.add_noise(
+        jnp.broadcast_to(x, eps.shape), eps, a, s), jnp.full((n,), 600),
+        jnp.broadcast_to(emb, (n, emb.shape[1])), prior.alphas_cumprod)
+    err = np.asarray(xh.std(0)) / np.sqrt(n)
+    assert np.max(np.abs(np.asarray(b[0]) - np.asarray(xh.mean(0))) / err) < 6.0
+    # At a component's mean and a small t the mixture's b keeps the pattern; the linear model
+    # (moment-matched single Gaussian) shrinks it toward the mixture mean.
+    x0, t0 = jnp.asarray(mus[0])[None], jnp.array([200])
+    post = gaussian.posterior_bias_fn(prior.params, x0, t0, emb, prior.alphas_cumprod)
+    lin = gaussian.linear_bias_fn(prior.params, x0, t0, emb, prior.alphas_cumprod)
+    assert float(jnp.abs(lin - post).max()) > 0.05
+    assert float(jnp.sum((post - x0) ** 2)) < float(jnp.sum((lin - x0) ** 2))

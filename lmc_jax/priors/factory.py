@@ -7,7 +7,7 @@ import ml_collections
 from lmc_jax.errors import UserError
 from lmc_jax.priors.base import Prior
 
-PRIOR_NAMES = ("gaussian", "gaussian_mixture", "tiny_sd", "embedded", "sd")
+PRIOR_NAMES = ("gaussian", "gaussian_mixture", "gaussian_patterns", "tiny_sd", "embedded", "sd")
 
 
 def build_prior(cfg: ml_collections.ConfigDict) -> Prior:
@@ -21,6 +21,11 @@ def build_prior(cfg: ml_collections.ConfigDict) -> Prior:
 
         return gaussian_prior(resolution=cfg.resolution, variance=cfg.variance,
                               classes=DEFAULT_CLASSES)
+    if cfg.name == "gaussian_patterns":
+        from lmc_jax.priors.gaussian import gaussian_prior, pattern_classes
+
+        return gaussian_prior(resolution=cfg.resolution, variance=cfg.variance,
+                              classes=pattern_classes(cfg.resolution))
     if cfg.name == "tiny_sd":
         from lmc_jax.priors.sd import tiny_sd_prior
 

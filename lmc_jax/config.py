@@ -20,7 +20,8 @@ def prior_config(name: str = "gaussian", **overrides) -> ml_collections.ConfigDi
 
     name: 'gaussian' (exact, one component), 'gaussian_mixture' (exact, coloured classes
       selected by the prompt), 'gaussian_patterns' (exact, six textured classes: stripes,
-      bars, checker, dots, rings, diagonal; lmc_jax.priors.gaussian.pattern_classes), 'tiny_sd' (random SD-architecture, offline), 'embedded' (the
+      bars, checker, dots, rings, diagonal; lmc_jax.priors.gaussian.pattern_classes),
+      'tiny_sd' (random SD-architecture, offline), 'embedded' (the
       shipped 32x32 text-to-image prior of coloured shapes, offline; `path` may point at
       another folder made by configs/train_prior.py) or 'sd' (Stable Diffusion from `path`: a
       local diffusers folder or a hub id).
@@ -62,6 +63,9 @@ def guidance_config(method: str = "lmc", **overrides) -> ml_collections.ConfigDi
         # lmc with bias='learned': a trained b_psi folder ('embedded': the embedded prior's)
         "bias_path": "",
         "nfsd_threshold": 200,
+        # lmc: x_hat from e_c with b(x, t, prompt) ('cond') or from e_u with b(x, t, "")
+        # ('uncond'); see lmc_jax.guidance.lmc
+        "lmc_xhat": "cond",
         "negative_prompt": ("unrealistic, blurry, low quality, out of focus, ugly, low contrast,"
                             " dull, dark, low-resolution, gloomy"),
     })

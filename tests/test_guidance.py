@@ -69,20 +69,23 @@ def _tanh_bias(x, t, emb):
     return jnp.tanh(1.3 * x) * (1.0 - t[:, None, None, None] / 2000.0) + 0.1 * x**2
 
 
-@pytest.mark.parametrize("bias", ["exact", "tanh"])
-def test_lmc_gradient_is_grad_of_l_lmc(prior, bias):
+@pytest.mark.parametrize("bias,xhat", [("exact", "cond"), ("tanh", "cond"),
+                                       ("exact", "uncond")])
+def test_lmc_gradient_is_grad_of_l_lmc(prior, bias, xhat):
     x, t, eps, cond = _inputs(prior)
     bias_fn = prior.exact_bias if bias == "exact" else _tanh_bias
-    hp = GuidanceParams(w=2.0, bias_fn=bias_fn)
+    hp = GuidanceParams(w=2.0, bias_fn=bias_fn, lmc_xhat=xhat)
     out = guidance.lmc_sds(prior, x, t, eps, cond, hp)
-    # x_hat is held fixed (stop-gradient) in L_lmc: compute it once, independently.
+    # x_hat is held fixed (stop-gradient) in L_lmc: compute it once, independently, from the
+    # prompt's (cond) or the null (uncond) prediction; b sees the same embedding.
+    emb = cond.c if xhat == "cond" else cond.u
     a, s = schedule.alpha_sigma(prior.alphas_cumprod, t)
     x_t = schedule.add_noise(x, eps, a, s)
-    x_hat = (x_t - schedule.bcast(s, x) * prior.eps(x_t, t, cond.c)) / schedule.bcast(a, x)
+    x_hat = (x_t - schedule.bcast(s, x) * prior.eps(x_t, t, emb)) / schedule.bcast(a, x)
     coef = schedule.bcast(s**2 * a / s, x)
 
     def l_lmc(z):
-        return jnp.sum(0.5 * coef * (bias_fn(z, t, cond.c) - x_hat) ** 2)
+        return jnp.sum(0.5 * coef * (bias_fn(z, t, emb) - x_hat) ** 2)
 
     want = jax.grad(l_lmc)(x)
     np.testing.assert_allclose(out.parts["L_lmc"], want, rtol=1e-4, atol=1e-5)
@@ -192,3 +195,41 @@ def test_wrong_image_shape_is_a_clear_error(prior):
     bad = jax.numpy.zeros((3, 16, 16, 3))
     with pytest.raises(UserError, match="shape"):
         guidance.sds(prior, bad, t, jax.numpy.zeros_like(bad), cond, GuidanceParams())
+
+
+def test_lmc_with_the_mixtures_own_b_is_csd_in_expectation_linear_b_is_not():
+    """Off the data manifold (a blend of two textured components), on an exact mixture:
+    E_eps[grad LMC] with b = b_post (the mixture's own E[x_hat | x]) equals CSD's; with the
+    best linear b (moment-matched Gaussian) it does not (the manifold corrective)."""
+    res, n, pairs = 4, 1024, 128
+    rng = np.random.default_rng(5)
+    classes = {f"c{i}": rng.uniform(-0.8, 0.8, (res, res, 1)).astype(np.float32)
+               for i in range(3)}
+    prior = gaussian.gaussian_prior(resolution=res, channels=1, variance=0.02, classes=classes)
+    mus = list(classes.values())
+    x = jnp.broadcast_to(jnp.asarray(0.6 * mus[0] + 0.4 * mus[1]), (n, res, res, 1))
+    t = jnp.full((n,), 100)
+    half = jax.random.normal(jax.random.PRNGKey(8), (n // 2, res, res, 1))
+    eps = jnp.concatenate([half, -half])  # antithetic pairs: less variance in the mean
+    cond = Conditioning(c=prior.embed_text(["c0"] * n), u=prior.embed_text([""] * n))
+    ac = prior.alphas_cumprod
+
+    def post(z, tt, emb):
+        return gaussian.posterior_bias_fn(prior.params, z, tt, emb, ac, num_pairs=pairs, seed=3)
+
+    def lin(z, tt, emb):
+        return gaussian.linear_bias_fn(prior.params, z, tt, emb, ac)
+
+    csd = guidance.csd(prior, x, t, eps, cond, GuidanceParams(w=2.0)).grad.mean(0)
+    for name, fn in [("post", post), ("lin", lin)]:
+        g = guidance.lmc_sds(prior, x, t, eps, cond,
+                             GuidanceParams(w=2.0, bias_fn=fn, lmc_xhat="uncond")).grad
+        g = 0.5 * (g[: n // 2] + g[n // 2:])  # pair means are independent
+        # Standard error of the mean over the guidance noise, widened for b_post's own Monte
+        # Carlo error (2 * pairs draws, independent of the guidance noise; b_lin has none).
+        se = g.std(0) / np.sqrt(n // 2) * (np.sqrt(1 + n / (2 * pairs)) if name == "post" else 1)
+        z = np.asarray(jnp.abs(g.mean(0) - csd) / se)
+        if name == "post":
+            assert z.max() < 5.0, z.max()
+        else:
+            assert z.mean() > 8.0, z.mean()

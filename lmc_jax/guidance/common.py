@@ -50,12 +50,14 @@ class GuidanceParams:
     weighting: name of `W(t)` in `lmc_jax.schedule.WEIGHTINGS`.
     bias_fn: `b(x, t, emb)` for LMC-SDS: the exact deficiency or a trained `b_psi`.
     nfsd_threshold: NFSD uses `e_u` below this timestep and `e_u - e_neg` above.
+    lmc_xhat: LMC-SDS's `x_hat` (and `b`'s embedding): 'cond' (from `e_c`) or 'uncond' (`e_u`).
     """
 
     w: float = struct.field(pytree_node=False, default=7.5)
     weighting: str = struct.field(pytree_node=False, default="sigma2")
     bias_fn: BiasFn | None = struct.field(pytree_node=False, default=None)
     nfsd_threshold: int = struct.field(pytree_node=False, default=200)
+    lmc_xhat: str = struct.field(pytree_node=False, default="cond")
 
 
 @struct.dataclass

@@ -49,8 +49,10 @@ def build_guidance(prior: Prior, gcfg: ml_collections.ConfigDict
             bias_fn = load_bias(path, prior)[2]
         else:
             raise UserError(f"guidance.bias must be 'exact' or 'learned', got {gcfg.bias!r}")
+    if gcfg.lmc_xhat not in ("cond", "uncond"):
+        raise UserError(f"guidance.lmc_xhat must be 'cond' or 'uncond', got {gcfg.lmc_xhat!r}")
     hp = GuidanceParams(w=float(gcfg.w), weighting=gcfg.weighting, bias_fn=bias_fn,
-                        nfsd_threshold=int(gcfg.nfsd_threshold))
+                        nfsd_threshold=int(gcfg.nfsd_threshold), lmc_xhat=gcfg.lmc_xhat)
     return METHODS[gcfg.method], hp
 
 

@@ -9,8 +9,19 @@ denoiser's deficiency, `b(x, t) ≈ E_eps[x_hat]`, to `x_hat`:
 
 with `b` frozen (a trained `b_psi`, or the closed-form deficiency of the Gaussian prior). The
 total gradient is `L_cond + grad L_lmc` with `L_cond = W(t) w (e_c - e_u)`, at a low guidance
-weight (w ~ 7.5). For on-manifold `x` and an exact `b`, `E_eps[grad L_lmc] = 0`, whereas
-SDS's `E_eps[L_proj] = W (a/s)(x - b(x, t))`, the high-pass residual that blurs.
+weight (w ~ 7.5). SDS's `E_eps[L_proj] = W (a/s)(x - E_eps[x_hat])` is the high-pass residual
+that blurs.
+
+With an exact `b = E_eps[x_hat | x]`, `E_eps[grad L_lmc] = W (a/s) J_b^T (b - E_eps[x_hat]) = 0`
+for EVERY `x`, on the data manifold or not: LMC-SDS is then CSD plus zero-mean noise. The
+corrective lives in what a shallow `b_psi` trained on data does not model (docs/design.md
+section 1.4; measured on the exact pattern mixture by `configs/testbed.py:manifold`).
+
+Which `x_hat` (`GuidanceParams.lmc_xhat`): 'cond' takes it from `e_c` and evaluates `b` with the
+prompt's embedding; 'uncond' takes it from `e_u` with the null embedding. Since
+`x_hat_c = x_hat_u - (s/a)(e_c - e_u)`, with an unconditional `b` the 'cond' choice adds a second
+conditioning term `W J_b^T (e_c - e_u)` (the guidance direction filtered by `J_b^T`); 'uncond'
+keeps the conditioning in `L_cond` alone.
 """
 
 from __future__ import annotations
@@ -42,17 +53,19 @@ def lmc_sds(prior: Prior, x: jax.Array, t: jax.Array, eps: jax.Array, cond: Cond
             hp: GuidanceParams) -> GuidanceOutput:
     """LMC-SDS gradient: `L_cond + W(t)(a/s) J_b(x)^T (b(x, t) - x_hat)`.
 
-    `x_hat` comes from the conditional prediction `e_c`; `hp.bias_fn(x, t, emb)` is `b`.
+    `x_hat` comes from `e_c` (`hp.lmc_xhat='cond'`) or `e_u` ('uncond'); `hp.bias_fn(x, t,
+    emb)` is `b`, called with the matching embedding.
     """
     if hp.bias_fn is None:
         raise UserError("LMC-SDS needs a bias model b(x, t): set guidance.bias_path to a trained "
                         "b_psi, or guidance.bias='exact' with the Gaussian prior")
     x_t, (e_c, e_u) = denoise(prior, x, t, eps, [cond.c, cond.u])
-    xh = x_hat(prior, x_t, t, e_c)
+    e_ref, emb_ref = (e_c, cond.c) if hp.lmc_xhat == "cond" else (e_u, cond.u)
+    xh = x_hat(prior, x_t, t, e_ref)
     a, s = schedule.alpha_sigma(prior.alphas_cumprod, t)
     wt = weight(prior, t, hp, x)
     wt_a_over_s = wt * schedule.bcast(a / s, x)
-    b, vjp = jax.vjp(lambda z: hp.bias_fn(z, t, cond.c), x)
+    b, vjp = jax.vjp(lambda z: hp.bias_fn(z, t, emb_ref), x)
     (g_lmc,) = vjp(wt_a_over_s * (b - xh))
     loss = lmc_loss(b, xh, wt_a_over_s)
     return finish({"L_cond": wt * hp.w * (e_c - e_u), "L_lmc": g_lmc},

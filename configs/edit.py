@@ -13,13 +13,44 @@ shapes; with no `image`, a render of the source prompt is edited: a red cube -> 
 red -> blue). Add `_compare` (`:compare`, `:tiny_compare`,
 `:mixture_compare`) to run every method (SDS, LMC-SDS, DDS, NFSD, CSD) on the same image,
 seed and steps and write one labelled grid (methods x steps) and a metrics table.
+
+Per-method settings (`per_method.<method>`): wherever a method runs (alone with
+`--config.guidance.method=M`, or in a compare run), its non-empty keys replace the shared
+`guidance.*` (w, weighting, t_min, t_max) and optimizer (optimizer, lr, grad_scale,
+grad_reduce) settings; empty keys keep the shared value. The run prints the replacements and
+metrics.json records each method's settings. Change one with e.g.
+`--config.per_method.dds.lr=0.05`. Defaults:
+
+- DDS runs as its official code does (google/prompt-to-prompt, DDS_zeroshot.ipynb): W(t) = 1,
+  t uniform in [50, 949) (`randint(50, 950 - 1)`), guidance_scale 7.5 (w = 6.5 here), SGD with
+  lr 0.1 on the loss `2000 * sum(z * grad) / (H * W)` (grad_scale 2000, grad_reduce 'mean_hw').
+  Its 200 iterations are the default preset's `steps` (steps are shared by every method).
+- SDS: w = 99 (DreamFusion / threestudio's guidance_scale 100).
+- LMC-SDS, NFSD, CSD: the shared settings (w = 7.5, W(t) = sigma2, Adam).
+
+See docs/baselines.md for every setting that differs from a paper or its official code.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from lmc_jax.config import guidance_config, parse_preset, prior_config
 
 METHODS = ("sds", "lmc", "dds", "nfsd", "csd")
+# Keys a method may set for itself (per_method.<method>.KEY), with their types.
+PER_METHOD_KEYS = {"w": float, "weighting": str, "t_min": int, "t_max": int, "optimizer": str,
+                   "lr": float, "grad_scale": float, "grad_reduce": str}
+
+
+def method_settings(**values) -> ml_collections.ConfigDict:
+    """One method's `per_method` section: every key of PER_METHOD_KEYS, empty (None: the
+    shared value) unless given; typed, so `--config.per_method.M.KEY=...` works for any key."""
+    unknown = set(values) - set(PER_METHOD_KEYS)
+    if unknown:
+        raise ValueError(f"unknown per-method keys {sorted(unknown)}; use {list(PER_METHOD_KEYS)}")
+    return ml_collections.ConfigDict({
+        k: placeholder(kind) if values.get(k) is None else kind(values[k])
+        for k, kind in PER_METHOD_KEYS.items()})
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -36,12 +67,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.guidance = guidance_config("lmc", w=7.5, bias="learned")
     c.steps = 200
     c.lr = 0.05
-    c.optimizer = "adam"  # adam | sgd (DDS's anchor: sgd, lr 0.1, grad_scale 2000)
-    c.grad_scale = 1.0
+    c.optimizer = "adam"  # adam | sgd
+    c.grad_scale = 1.0  # the guidance gradient is multiplied by this before the optimizer
+    # 'sum': the gradient as is (of sum(sg(grad) * x)); 'mean_hw': divided by x's H * W
+    c.grad_reduce = "sum"
     c.compare = compare
     c.methods = METHODS  # compared methods; lmc needs a b_psi (guidance.bias/bias_path)
-    c.w_by_method = ml_collections.ConfigDict({"sds": 99.0, "lmc": 7.5, "dds": 7.5,
-                                               "nfsd": 7.5, "csd": 7.5})
+    # Each method's own settings over the shared ones (see the module docstring).
+    c.per_method = ml_collections.ConfigDict({
+        "sds": method_settings(w=99.0),
+        "lmc": method_settings(),
+        "dds": method_settings(w=6.5, weighting="one", t_min=50, t_max=949, optimizer="sgd",
+                               lr=0.1, grad_scale=2000.0, grad_reduce="mean_hw"),
+        "nfsd": method_settings(),
+        "csd": method_settings(),
+    })
     c.snapshots = 5
     c.clip_path = ""  # a FlaxCLIPModel folder or hub id for CLIP scores (else "unavailable")
     c.log_every = 50

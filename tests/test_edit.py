@@ -44,8 +44,41 @@ def test_dds_with_equal_prompts_leaves_the_image_unchanged(tmp_path):
     c.log_every = 0
     m = edit.run(c, str(tmp_path))
     assert m["dds"]["dist_to_source"] == 0.0
+    # Run alone, DDS takes its own (official) settings too.
+    assert m["dds"]["settings"]["optimizer"] == "sgd" and m["dds"]["settings"]["w"] == 6.5
     # No CLIP weights configured: the metric says why it is missing, and the run went on.
     assert m["dds"]["clip_score"].startswith("unavailable: ")
+
+
+def test_dds_runs_with_its_official_settings_and_the_others_keep_theirs():
+    c = _config("edit", "compare")
+    gcfg, opt, replaced = edit.method_settings(c, "dds")
+    # google/prompt-to-prompt DDS_zeroshot.ipynb: W(t) = 1, randint(50, 949), guidance_scale
+    # 7.5, SGD lr 0.1 on 2000 * sum(z * grad) / (H * W).
+    assert (gcfg.method, gcfg.w, gcfg.weighting, gcfg.t_min, gcfg.t_max) == (
+        "dds", 6.5, "one", 50, 949)
+    assert opt == {"optimizer": "sgd", "lr": 0.1, "grad_scale": 2000.0, "grad_reduce": "mean_hw"}
+    assert set(replaced) == {"w", "weighting", "t_min", "t_max", "optimizer", "lr",
+                             "grad_scale", "grad_reduce"}
+    assert edit.effective_grad_scale(opt, (64, 64, 4)) == 2000.0 / 4096  # SD 1.5 at 512
+    shared = (7.5, "sigma2", 20, 980, {"optimizer": "adam", "lr": 0.05, "grad_scale": 1.0,
+                                       "grad_reduce": "sum"})
+    for method in ("lmc", "nfsd", "csd"):
+        g, o, r = edit.method_settings(c, method)
+        assert (g.w, g.weighting, g.t_min, g.t_max, o) == shared and r == {}, method
+        assert edit.effective_grad_scale(o, (64, 64, 4)) == 1.0
+    g, o, r = edit.method_settings(c, "sds")
+    assert g.w == 99.0 and r == {"w": (7.5, 99.0)} and o == shared[-1]
+    # One method's own setting changes that method only; shared changes reach the others.
+    c.per_method.csd.weighting = "one"
+    c.guidance.w = 3.0
+    assert edit.method_settings(c, "csd")[0].weighting == "one"
+    assert edit.method_settings(c, "nfsd")[0].weighting == "sigma2"
+    assert edit.method_settings(c, "nfsd")[0].w == 3.0
+    assert edit.method_settings(c, "dds")[0].w == 6.5
+    c.per_method.dds.grad_reduce = "mean"
+    with pytest.raises(UserError, match="grad_reduce must be"):
+        edit.method_settings(c, "dds")
 
 
 def _write(path, mode, size):

@@ -4,6 +4,7 @@ Metrics per method (metrics.json, printed as a table): `dist_to_source` (RMS cha
 image, lower keeps more of the source), `colorfulness` (Hasler-Suesstrunk on the final image),
 `seconds_per_step`; on the Gaussian mixture also `target_acc` (fraction whose mean colour ends
 nearest the target class) and `saturation` (||mean colour|| / ||target class mean||).
+metrics.json also records the `settings` each method ran with (`method_settings`).
 """
 
 from __future__ import annotations
@@ -67,6 +68,47 @@ def load_source_image(path: str, prior: Prior, source_prompt: str, key: jax.Arra
     return jnp.asarray(pixels[None], jnp.float32) / 127.5 - 1.0
 
 
+OPTIMIZER_KEYS = ("optimizer", "lr", "grad_scale", "grad_reduce")
+GUIDANCE_KEYS = ("w", "weighting", "t_min", "t_max")
+
+
+def method_settings(config: ml_collections.ConfigDict, method: str
+                    ) -> tuple[ml_collections.ConfigDict, dict, dict]:
+    """What `method` runs with: the shared `guidance` section and optimizer keys, with the
+    non-empty keys of `config.per_method.<method>` over them (configs/edit.py).
+
+    Returns `(gcfg, opt, replaced)`: the method's guidance section, its optimizer settings
+    (optimizer, lr, grad_scale, grad_reduce) and `{key: (shared, own)}` for each key whose
+    value the method's own settings changed.
+    """
+    gcfg = config.guidance.copy_and_resolve_references()
+    gcfg.method = method
+    opt = {k: config[k] for k in OPTIMIZER_KEYS}
+    own = config.get("per_method", {}).get(method, {})
+    replaced = {}
+    for key, value in own.items():
+        if value is None:
+            continue
+        if key not in GUIDANCE_KEYS + OPTIMIZER_KEYS:
+            raise UserError(f"per_method.{method}.{key} is not a per-method setting; use one of "
+                            f"{list(GUIDANCE_KEYS + OPTIMIZER_KEYS)}")
+        target = gcfg if key in GUIDANCE_KEYS else opt
+        if target[key] != value:
+            replaced[key] = (target[key], value)
+        target[key] = value
+    if opt["grad_reduce"] not in ("sum", "mean_hw"):
+        raise UserError(f"grad_reduce must be 'sum' or 'mean_hw', got {opt['grad_reduce']!r} "
+                        f"(for {method})")
+    return gcfg, opt, replaced
+
+
+def effective_grad_scale(opt: dict, x_shape: tuple[int, ...]) -> float:
+    """`grad_scale`, divided by the H * W of `x` ([H, W, C]) for grad_reduce='mean_hw' (DDS's
+    official loss is `sum(z * grad) / (H * W)`, scaled by 2000)."""
+    scale = float(opt["grad_scale"])
+    return scale / (x_shape[0] * x_shape[1]) if opt["grad_reduce"] == "mean_hw" else scale
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     prompt = require_prompt(config.prompt)
     require_positive(config.steps, "steps")
@@ -88,10 +130,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rows, table, metrics, finals = [], [], {}, {}
     writer = MetricWriter(workdir)
     for method in methods:
-        mcfg = gcfg.copy_and_resolve_references()
-        mcfg.method = method
-        if config.compare:
-            mcfg.w = config.w_by_method[method]
+        mcfg, opt, replaced = method_settings(config, method)
         try:
             fn, hp = build_guidance(prior, mcfg)
         except UserError as e:
@@ -99,16 +138,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 raise
             logging.warning("skipping %s: %s", method, e)
             continue
+        if replaced:
+            print(f"note: {method} runs with its own settings (per_method.{method}): " + ", ".join(
+                f"{k} {new} (shared: {old})" for k, (old, new) in replaced.items()))
         start = time.time()
         x, snaps, scalars = optimize_x(
             prior, x_src, cond, fn, hp, mcfg, steps=config.steps,
-            optimizer=make_optimizer(config.optimizer, config.lr), key=k_noise,
-            grad_scale=config.grad_scale, snapshot_steps=snapshot_steps,
+            optimizer=make_optimizer(opt["optimizer"], opt["lr"]), key=k_noise,
+            grad_scale=effective_grad_scale(opt, prior.x_shape), snapshot_steps=snapshot_steps,
             log_every=config.log_every, desc=f"edit {method}", writer=writer, tag=f"{method}/")
         m = image_metrics(np.asarray(prior.decode(x)), np.asarray(source), prior, prompt)
         m.update(evaluator_scores(prior.name, np.asarray(prior.decode(x)), prompt))
         m["seconds_per_step"] = (time.time() - start) / config.steps
-        metrics[method] = {**m, **scalars}
+        settings = {k: mcfg[k] for k in GUIDANCE_KEYS} | opt
+        metrics[method] = {**m, **scalars, "settings": settings}
         rows.append((method, io.to_uint8(np.concatenate(snaps))))
         finals[method] = np.asarray(prior.decode(x))
         table.append([method] + [m.get(k, "") for k in image_metrics_keys(prior)])

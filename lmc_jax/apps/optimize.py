@@ -1,8 +1,8 @@
 """Optimizing the prior's `x` directly (image synthesis and editing share this loop).
 
 `x <- optimizer(x, grad_scale * guidance(x))`: the guidance gradient is handed to optax as the
-gradient of `x` (DreamFusion's image-space experiments; DDS's anchor uses SGD, lr 0.1, the
-gradient scaled x2000).
+gradient of `x` (DreamFusion's image-space experiments; DDS's official code uses SGD, lr 0.1,
+the gradient scaled by 2000 / (H * W): configs/edit.py's `per_method.dds`).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 `grad = W(t) (e_w(z_tgt; y_tgt) - e_w(z_src; y_src))`, with the same `eps` and `t` for the
 source and the target, so the terms that do not depend on the edit cancel. Split like SDS:
 `L_cond = W w [(e_c - e_u)_tgt - (e_c - e_u)_src]`, `L_proj = W [e_c,tgt - e_c,src]`.
-Anchor settings (DDS paper): SD 1.5, SGD lr 0.1 with the gradient scaled x2000, 200 steps,
-`t` in [50, 950).
+Official settings (google/prompt-to-prompt, DDS_zeroshot.ipynb): SD 1.5, W(t) = 1, `t` uniform
+in [50, 949), guidance_scale 7.5 (w = 6.5), SGD lr 0.1 on `2000 * sum(z * grad) / (H * W)`, 200
+iterations; configs/edit.py's `per_method.dds` runs DDS with them.
 """
 
 from __future__ import annotations

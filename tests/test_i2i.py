@@ -35,3 +35,35 @@ def test_i2i_trains_on_heldout_and_round_trips_a_checkpoint(tmp_path):
     assert m2["heldout_L_cond"] == m["heldout_L_cond"]
     assert m2["heldout_target_acc"] == m["heldout_target_acc"]
 
+
+
+def test_nfsd_conditioning_carries_the_negative_prompt():
+    """i2i's conditioning under NFSD holds the negative prompt, so at t >= 200 NFSD's `L_proj`
+    is `W(t) (e_u - e_neg)` (computed here from the prior's `eps` directly), not 0."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from lmc_jax import schedule
+    from lmc_jax.guidance.from_config import build_guidance, negative_prompt
+    from lmc_jax.priors import gaussian
+    from lmc_jax.priors.factory import build_prior
+
+    c = _config()
+    c.guidance.method, c.guidance.negative_prompt = "nfsd", "red"
+    prior = build_prior(c.prior)
+    fn, hp = build_guidance(prior, c.guidance)
+    cond = i2i.conditioning(prior, c.prompt, 3, negative_prompt(c.guidance))
+    np.testing.assert_array_equal(np.asarray(cond.neg), np.asarray(prior.embed_text(["red"] * 3)))
+    key = jax.random.PRNGKey(0)
+    x = gaussian.sample(prior.params, key, 3)
+    t = jnp.array([250, 500, 900])
+    eps = jax.random.normal(jax.random.fold_in(key, 1), x.shape)
+    out = fn(prior, x, t, eps, cond, hp)
+    a, s = schedule.alpha_sigma(prior.alphas_cumprod, t)
+    assert c.guidance.weighting == "sigma2"  # W(t) = s_t^2
+    x_t = schedule.add_noise(x, eps, a, s)
+    want = schedule.bcast(s**2, x) * (prior.eps(x_t, t, prior.embed_text([""] * 3))
+                                      - prior.eps(x_t, t, prior.embed_text(["red"] * 3)))
+    assert float(jnp.abs(want).max()) > 1e-3
+    np.testing.assert_allclose(out.parts["L_proj"], want, rtol=1e-4, atol=1e-5)

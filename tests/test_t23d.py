@@ -88,3 +88,32 @@ def test_tiny_preset_rejects_words_the_prior_never_saw(tmp_path):
     c.prompt = "a DSLR photo of a fox"
     with pytest.raises(UserError, match="'fox'"):
         t23d.run(c, str(tmp_path))
+
+
+def test_nfsd_step_reads_the_negative_prompt():
+    """NFSD at t >= 200: `L_proj = W (e_u - e_neg)`, `L_cond = W w (e_c - e_u)`. With the
+    prompt as its own negative, `L_proj = -L_cond / w` (norms in ratio 1/w); with the null
+    prompt as the negative, `L_proj = 0`. Without the negative prompt (`neg = u`) the first
+    would read 0 as well."""
+    from lmc_jax import parallel
+    from lmc_jax.priors.factory import build_prior
+
+    c = _config()
+    c.guidance.method, c.guidance.negative_prompt = "nfsd", "green"
+    c.guidance.t_min = 300  # every t above nfsd_threshold = 200
+    c.batch = 2
+    prior = build_prior(c.prior)
+    mesh = parallel.mesh_from_config(c)
+    _, state, step = t23d.setup(c, prior, "green", mesh)
+    assert "emb_neg" in step.consts
+    np.testing.assert_array_equal(np.asarray(step.consts["emb_neg"]),
+                                  np.asarray(prior.embed_text(["green"])))
+    _, m = step(state)
+    l_cond, l_proj = float(m["L_cond_grad_norm"]), float(m["L_proj_grad_norm"])
+    assert l_cond > 1e-3, m
+    np.testing.assert_allclose(l_proj, l_cond / c.guidance.w, rtol=1e-4)
+    # The same compiled step with the null prompt as the negative: delta_D = e_u - e_u = 0.
+    consts = {**step.consts, "emb_neg": parallel.replicate(prior.embed_text([""]), mesh)}
+    _, m0 = step.jitted(state, consts)
+    # (0 up to float rounding: e_u and e_neg come from different rows of one batched call)
+    assert float(m0["L_proj_grad_norm"]) < 1e-4 * float(m0["L_cond_grad_norm"]), m0

@@ -38,7 +38,7 @@ from lmc_jax.config import require_positive, require_prompt
 from lmc_jax.errors import UserError
 from lmc_jax.guidance import Conditioning, GuidanceParams, surrogate_loss
 from lmc_jax.guidance.common import rebind_exact_bias
-from lmc_jax.guidance.from_config import build_guidance, noise_for_step
+from lmc_jax.guidance.from_config import build_guidance, negative_prompt, noise_for_step
 from lmc_jax.priors.base import Prior
 from lmc_jax.priors.factory import build_prior
 from lmc_jax.writer import MetricWriter
@@ -105,8 +105,10 @@ def init_state(net: Translator, opt: optax.GradientTransformation, x_shape: tupl
                     key=jax.random.split(jax.random.PRNGKey(seed), 3)[1])
 
 
-def conditioning(prior: Prior, prompt: str, n: int) -> Conditioning:
-    return Conditioning(c=prior.embed_text([prompt] * n), u=prior.embed_text([""] * n))
+def conditioning(prior: Prior, prompt: str, n: int, negative: str | None = None) -> Conditioning:
+    """`n` copies of the prompt's, the null prompt's and (NFSD) the negative prompt's embeddings."""
+    return Conditioning(c=prior.embed_text([prompt] * n), u=prior.embed_text([""] * n),
+                        neg=None if negative is None else prior.embed_text([negative] * n))
 
 
 def make_step(net: Translator, prior: Prior, fn: Callable, hp: GuidanceParams,
@@ -173,7 +175,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, net: Translator, prio
         start_state = state
         step_fn = make_step(net, prior, fn, hp, opt, config, mesh)
         cond = parallel.shard_batch(
-            conditioning(prior, require_prompt(config.prompt), config.batch), mesh)
+            conditioning(prior, require_prompt(config.prompt), config.batch,
+                         negative_prompt(config.guidance)), mesh)
         writer = MetricWriter(workdir)
         try:
             with Preemption() as pre:
@@ -206,12 +209,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for k in ("steps", "batch", "heldout"):
         require_positive(config[k], k)
     prior = build_prior(config.prior)
-    fn, hp = build_guidance(prior, config.guidance)
+    gcfg = config.guidance
+    fn, hp = build_guidance(prior, gcfg)
     net = Translator(config.net.features, config.net.blocks)
     heldout = make_data(config, prior, config.heldout, config.seed + 99991, workdir)(0)
     k_eval = jax.random.split(jax.random.PRNGKey(config.seed), 3)[2]
-    cond_h = conditioning(prior, prompt, config.heldout)
-    gcfg = config.guidance
+    cond_h = conditioning(prior, prompt, config.heldout, negative_prompt(gcfg))
     main = parallel.is_main_process()
 
     @jax.jit

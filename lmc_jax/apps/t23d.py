@@ -42,7 +42,7 @@ from lmc_jax.config import require_positive, require_prompt
 from lmc_jax.errors import UserError
 from lmc_jax.guidance import Conditioning, surrogate_loss
 from lmc_jax.guidance.common import rebind_exact_bias
-from lmc_jax.guidance.from_config import build_guidance, noise_for_step
+from lmc_jax.guidance.from_config import build_guidance, negative_prompt, noise_for_step
 from lmc_jax.nerf import cameras, export, regularizers, shading
 from lmc_jax.nerf.field import MLPField
 from lmc_jax.nerf.renderer import render_rays
@@ -97,12 +97,13 @@ def to_prior_input(prior: Prior, images: jax.Array) -> jax.Array:
 
 
 def make_step(config, prior: Prior, field: MLPField, background, opt, emb_views, emb_null,
-              mesh: jax.sharding.Mesh | None = None):
+              mesh: jax.sharding.Mesh | None = None, emb_neg: jax.Array | None = None):
     """The jitted train step `(state) -> (state, metrics)` on `mesh` (default: all devices).
 
     The views (cameras, rays, renders, x) are split over the mesh's `data` axis; the state
     comes back replicated. The prior's params and the prompt embeddings are arguments of the
     compiled step (placed once by `parallel.shard_params`), not constants baked into it.
+    `emb_neg` [1, ...]: NFSD's negative prompt (`consts["emb_neg"]`; None: NFSD uses `u`).
     """
     mesh = mesh if mesh is not None else parallel.mesh_from_config(config)
     fn, hp = build_guidance(prior, config.guidance)
@@ -148,9 +149,10 @@ def make_step(config, prior: Prior, field: MLPField, background, opt, emb_views,
         x = split(to_prior_input(pr, images))
         t, eps = split(noise_for_step(config.guidance, k_noise, step, b, pr.x_shape,
                                       config.steps))
-        emb_null = consts["emb_null"]
-        null = jnp.broadcast_to(emb_null, (b,) + emb_null.shape[1:])
-        cond = split(Conditioning(c=consts["emb_views"][view], u=null))
+        batched = lambda e: jnp.broadcast_to(e, (b,) + e.shape[1:])  # noqa: E731
+        neg = consts.get("emb_neg")
+        cond = split(Conditioning(c=consts["emb_views"][view], u=batched(consts["emb_null"]),
+                                  neg=None if neg is None else batched(neg)))
         g = fn(pr, x, t, eps, cond, hp_)
         l_orient = regularizers.orientation_loss(out["weights"], out["normals"], directions)
         l_opacity = regularizers.opacity_loss(out["acc"])
@@ -172,6 +174,8 @@ def make_step(config, prior: Prior, field: MLPField, background, opt, emb_views,
     consts = {"prior": parallel.shard_params(prior.params, mesh),
               "emb_views": parallel.replicate(emb_views, mesh),
               "emb_null": parallel.replicate(emb_null, mesh)}
+    if emb_neg is not None:
+        consts["emb_neg"] = parallel.replicate(emb_neg, mesh)
     jitted = jax.jit(step_fn, in_shardings=(rep, parallel.sharding_of(consts)),
                      out_shardings=(rep, rep))
 
@@ -233,8 +237,9 @@ def setup(config: ml_collections.ConfigDict, prior: Prior, prompt: str,
     opt = optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adam(config.lr))
     state = parallel.replicate(init_state(config, field, background, opt), mesh)
     emb_views = view_embeddings(prior, prompt, config.view_dependent_prompt)
+    neg = negative_prompt(config.guidance)
     step = make_step(config, prior, field, background, opt, emb_views, prior.embed_text([""]),
-                     mesh)
+                     mesh, emb_neg=None if neg is None else prior.embed_text([neg]))
     return field, state, step
 
 

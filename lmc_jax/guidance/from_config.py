@@ -56,6 +56,12 @@ def build_guidance(prior: Prior, gcfg: ml_collections.ConfigDict
     return METHODS[gcfg.method], hp
 
 
+def negative_prompt(gcfg: ml_collections.ConfigDict) -> str | None:
+    """NFSD's negative prompt (`guidance.negative_prompt`); None for the methods that never read
+    it (so a prior need not know its words)."""
+    return gcfg.negative_prompt if gcfg.method == "nfsd" else None
+
+
 def noise_for_step(gcfg: ml_collections.ConfigDict, key: jax.Array, step: jax.Array, batch: int,
                    x_shape: tuple[int, ...], total_steps: int):
     """`sample_noise` with the config's timestep range, annealing and fixed-noise option."""

@@ -25,7 +25,7 @@ metrics.json records each method's settings. Change one with e.g.
   t uniform in [50, 949) (`randint(50, 950 - 1)`), guidance_scale 7.5 (w = 6.5 here), SGD with
   lr 0.1 on the loss `2000 * sum(z * grad) / (H * W)` (grad_scale 2000, grad_reduce 'mean_hw').
   Its 200 iterations are the default preset's `steps` (steps are shared by every method).
-- SDS: w = 99 (DreamFusion / threestudio's guidance_scale 100).
+- SDS: w = 99 (DreamFusion and threestudio's SD guidance use 100 in this convention).
 - LMC-SDS, NFSD, CSD: the shared settings (w = 7.5, W(t) = sigma2, Adam).
 
 See docs/baselines.md for every setting that differs from a paper or its official code.

@@ -4,6 +4,9 @@ For every prompt and method, runs `configs/t23d.py:tiny` (the embedded prior) an
 evaluator's figures from its metrics.json (`lmc_jax.apps.t23d.evaluate_views`): accuracy and
 R-precision over 8 orbit views (against all 25 shape-colour prompts) and the colourfulness
 ratio (views over training renders of the same prompt; 1 is right, > 1 over-saturated).
+An empty scene (`empty_scene` in metrics.json: under 1% of the evaluation views' pixels opaque,
+`lmc_jax.apps.t23d.occupancy`) is a failure: its accuracy and R-precision count as 0 whatever
+the evaluator made of the bare background, and each method's summary counts its empty scenes.
 
     python benchmarks/t23d_prompts.py [--steps 300] [--methods lmc sds] [--json out.json]
         [--workdir DIR] [--figure views.png]
@@ -56,6 +59,26 @@ def run_one(prompt: str, method: str, steps: int, workdir: str) -> dict:
     return t23d.run(c, workdir)
 
 
+SCORES = ("eval_accuracy", "eval_r_precision")
+
+
+def scored(m: dict) -> dict:
+    """The run's figures with an empty scene's evaluator scores set to 0 (a failure)."""
+    m = dict(m)
+    m["empty_scene"] = bool(m.get("empty_scene", False))
+    if m["empty_scene"]:
+        m.update({k: 0.0 for k in SCORES})
+    return m
+
+
+def summarize(results: dict[str, dict[str, dict]], keys: tuple[str, ...]) -> list[list]:
+    """Per method: `[method, 'mean of N', mean of each key..., number of empty scenes]`."""
+    return [[method, f"mean of {len(per)}",
+             *[float(np.mean([v[k] for v in per.values()])) for k in keys],
+             sum(bool(v["empty_scene"]) for v in per.values())]
+            for method, per in results.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -67,23 +90,22 @@ def main() -> None:
     args = parser.parse_args()
     from lmc_jax import io
 
-    keys = ("eval_accuracy", "eval_r_precision", "colourfulness_ratio", "seconds_per_step")
+    keys = (*SCORES, "colourfulness_ratio", "opaque_fraction", "seconds_per_step")
+    head = ["method", "prompt", *keys, "empty_scene"]
     rows, results = [], {}
     base = args.workdir or tempfile.mkdtemp(prefix="t23d_prompts_")
     for method in args.methods:
         for prompt in args.prompts:
             wd = os.path.join(base, method, prompt.replace(" ", "_"))
-            m = run_one(prompt, method, args.steps, wd)
-            results.setdefault(method, {})[prompt] = {k: m.get(k) for k in keys}
-            rows.append([method, prompt] + [m.get(k) for k in keys])
-            print(io.format_table(rows[-1:], ["method", "prompt", *keys]), flush=True)
-    summary = []
-    for method, per in results.items():
-        means = [float(np.mean([v[k] for v in per.values()])) for k in keys]
-        summary.append([method, f"mean of {len(per)}", *means])
-    print(io.format_table(rows + summary, ["method", "prompt", *keys]))
+            m = scored(run_one(prompt, method, args.steps, wd))
+            results.setdefault(method, {})[prompt] = {k: m.get(k) for k in (*keys, "empty_scene")}
+            rows.append([method, prompt] + [m.get(k) for k in (*keys, "empty_scene")])
+            print(io.format_table(rows[-1:], head), flush=True)
+    summary = summarize(results, keys)
+    print(io.format_table(rows + summary, head))
     out = {"steps": args.steps, "results": results,
-           "means": {r[0]: dict(zip(keys, r[2:], strict=True)) for r in summary}}
+           "means": {r[0]: dict(zip(keys, r[2:-1], strict=True)) for r in summary},
+           "empty_scenes": {r[0]: r[-1] for r in summary}}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -68,8 +68,11 @@ def main(argv: list[str]) -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     workdir = _WORKDIR.value or os.path.join("runs", f"{config.app}-{stamp}")
     logging.info("config:\n%s", config)
-    train_and_evaluate(config, workdir)
+    result = train_and_evaluate(config, workdir)
     print(f"outputs in {workdir}")
+    # A run's warnings (t23d: an empty scene) come last, where the eye lands; exit status 0.
+    for w in result.get("warnings", []) if isinstance(result, dict) else []:
+        print(f"WARNING: {w}", flush=True)
 
 
 def _causes(exc: BaseException):

@@ -40,6 +40,7 @@ def test_short_run_writes_video_mesh_grids_and_resumes(tmp_path):
     assert len(frames) == 6 and frames[0].shape[:2] == (16, 16)
     assert (tmp_path / "mesh.obj").exists() and (tmp_path / "mesh.ply").exists()
     assert metrics["mesh_faces"] > 0
+    assert not metrics["empty_scene"] and "warnings" not in metrics  # the initial blob is opaque
     assert (tmp_path / "grid_000002.png").exists() and (tmp_path / "grid_000004.png").exists()
     lines = (tmp_path / "metrics.jsonl").read_text().strip().splitlines()
     assert [json.loads(ln)["step"] for ln in lines] == [2, 4]
@@ -117,3 +118,101 @@ def test_nfsd_step_reads_the_negative_prompt():
     _, m0 = step.jitted(state, consts)
     # (0 up to float rounding: e_u and e_neg come from different rows of one batched call)
     assert float(m0["L_proj_grad_norm"]) < 1e-4 * float(m0["L_cond_grad_norm"]), m0
+
+
+def _constant_head_field(blob_density: float, blob_radius: float, bias: float):
+    """A field whose density is `softplus(bias + blob(x))` exactly (density head's kernel 0)."""
+    import jax
+    import jax.numpy as jnp
+
+    from lmc_jax.nerf.field import MLPField
+
+    field = MLPField(width=8, depth=1, max_deg=2, blob_density=blob_density,
+                     blob_radius=blob_radius)
+    p = field.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)), jnp.zeros((1, 3)))
+    head = p["params"]["density_head"]
+    head = {"kernel": jnp.zeros_like(head["kernel"]), "bias": jnp.full_like(head["bias"], bias)}
+    p = {"params": {**p["params"], "density_head": head}}
+    return field, {"field": p}
+
+
+def test_empty_scene_criterion_on_an_empty_field_and_a_solid_ball():
+    """A field of density softplus(-30) ~ 1e-13 is an empty scene. A ball of density
+    `sigma(r) = softplus(-30 + A exp(-r^2 / 2 rho^2))` is opaque (acc >= 1/2) on the rays whose
+    optical depth `tau(p) = int sigma(sqrt(p^2 + s^2)) ds` at impact parameter `p` exceeds
+    ln 2: on the pixels whose ray passes within `p*` of the centre, `tau(p*) = ln 2`."""
+    c = _config()
+    field, params = _constant_head_field(0.0, 0.2, -30.0)
+    empty = t23d.occupancy(t23d.eval_views(field, params, c)[1])
+    assert empty["empty_scene"] and empty["opaque_fraction"] == 0.0
+    assert empty["mean_opacity"] < 1e-6
+
+    a, rho = 1e3, 0.2
+    field, params = _constant_head_field(a, rho, -30.0)
+    views, acc = t23d.eval_views(field, params, c)
+    assert views.shape == (t23d.EVAL_VIEWS, t23d.EVAL_SIZE, t23d.EVAL_SIZE, 3)
+    ball = t23d.occupancy(acc)
+    # tau(p) by the trapezoid rule on a fine grid, then p* by bisection.
+    s = np.linspace(-1.0, 1.0, 20001)
+
+    def tau(p):
+        z = -30.0 + a * np.exp(-(p**2 + s**2) / (2 * rho**2))
+        return np.trapezoid(np.logaddexp(0.0, z), s)
+
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if tau(mid) > np.log(2.0) else (lo, mid)
+    # Pixel centres (generate_rays' pinhole) whose ray passes within p* of the origin.
+    n, dist = t23d.EVAL_SIZE, float(np.mean(c.camera.distance_range))
+    focal = 0.5 * n / np.tan(0.5 * np.deg2rad(float(np.mean(c.camera.fovy_range))))
+    u = (np.arange(n) + 0.5 - 0.5 * n) / focal
+    tan_theta = np.hypot(u[:, None], u[None, :])
+    impact = dist * tan_theta / np.sqrt(1.0 + tan_theta**2)  # D sin(theta)
+    want = float(np.mean(impact < lo))
+    assert 0.05 < want < 0.5, want
+    np.testing.assert_allclose(ball["opaque_fraction"], want, rtol=0.05)
+    assert not ball["empty_scene"] and ball["mean_opacity"] > 0.9 * want
+
+
+def test_a_collapsed_field_ends_the_cli_run_with_a_warning_and_status_0(tmp_path):
+    """A field whose density is ~0 everywhere (a blob of -100 over the whole scene): metrics.json
+    says `empty_scene`, the last line of the output is the warning, the exit status is 0."""
+    import subprocess
+    import sys
+
+    flags = {"steps": 2, "render.size": 16, "render.num_coarse": 8, "render.num_fine": 8,
+             "field.width": 16, "field.blob_density": -100.0, "field.blob_radius": 10.0,
+             "output.video_frames": 4, "output.video_size": 16, "output.mesh_resolution": 16,
+             "output.grid_every": 2, "log_every": 2, "checkpoint_every": 2}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmc_jax.main", "--config=configs/t23d.py:mixture",
+         f"--workdir={tmp_path}", *[f"--config.{k}={v}" for k, v in flags.items()]],
+        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("WARNING: EMPTY SCENE"), proc.stdout
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["empty_scene"] is True and saved["opaque_fraction"] == 0.0, saved
+    assert saved["warnings"][0].startswith("EMPTY SCENE")
+
+
+def test_the_prompt_benchmark_counts_an_empty_scene_as_a_failure():
+    import importlib.util
+
+    path = os.path.join(ROOT, "benchmarks", "t23d_prompts.py")
+    spec = importlib.util.spec_from_file_location("t23d_prompts", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    full = {"eval_accuracy": 1.0, "eval_r_precision": 1.0, "opaque_fraction": 0.2,
+            "empty_scene": False}
+    # The evaluator may well pick the prompt's class for a bare grey view: it does not count.
+    empty = {"eval_accuracy": 0.5, "eval_r_precision": 1.0, "opaque_fraction": 0.0,
+             "empty_scene": True}
+    assert bench.scored(full) == full
+    assert bench.scored(empty)["eval_r_precision"] == 0.0
+    assert bench.scored(empty)["eval_accuracy"] == 0.0
+    per = {"a": bench.scored(full), "b": bench.scored(empty), "c": bench.scored(full)}
+    (row,) = bench.summarize({"lmc": per}, ("eval_r_precision", "opaque_fraction"))
+    assert row[0] == "lmc" and row[-1] == 1
+    np.testing.assert_allclose(row[2:4], [2 / 3, 0.4 / 3])

@@ -190,6 +190,13 @@ def render_orbit(field: MLPField, params, config, num: int, size: int, elevation
                  background: float = 1.0):
     """Deterministic lambertian views (light at the camera) on a 360-degree orbit, on a grey
     level `background`: uint8 [N, size, size, 3]."""
+    return orbit_views(field, params, config, num, size, elevation, background)[0]
+
+
+def orbit_views(field: MLPField, params, config, num: int, size: int, elevation: float = 15.0,
+                background: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """`render_orbit`'s views (uint8 [N, size, size, 3]) and their accumulated opacity
+    `acc = sum_i w_i` in [0, 1] (float [N, size, size])."""
     rc = config.render
     cams = cameras.orbit_video_cameras(num, elevation=elevation,
                                        distance=float(np.mean(config.camera.distance_range)),
@@ -203,16 +210,21 @@ def render_orbit(field: MLPField, params, config, num: int, size: int, elevation
                           shading_mode=1, light_position=o,
                           background=jnp.full(3, background, jnp.float32),
                           compute_normals=True)
-        return out["rgb"][0]
+        return out["rgb"][0], out["acc"][0]
 
     # Host copy: this process renders alone (process 0 of a multi-host job writes the outputs).
     p = jax.device_get(params["field"])
-    frames = [np.asarray(one(p, cams["c2w"][i], cams["fovy"][i])) for i in range(num)]
-    return io.to_uint8(np.stack(frames), 0.0, 1.0)
+    rgb, acc = zip(*[jax.device_get(one(p, cams["c2w"][i], cams["fovy"][i]))
+                     for i in range(num)], strict=True)
+    return io.to_uint8(np.stack(rgb), 0.0, 1.0), np.stack(acc).astype(np.float32)
 
 
 BACKGROUNDS = ("random", "mlp", "grey")
 EVAL_VIEWS = 8  # views on an orbit at elevation 20 degrees for the evaluator's scores
+EVAL_SIZE = 32  # their size in pixels
+# Empty scene: under 1% of the evaluation views' pixels at least half opaque (see `occupancy`).
+OPAQUE_ACC = 0.5
+EMPTY_OPAQUE_FRACTION = 0.01
 
 # Config keys that fix the shapes of the checkpointed state: a resume must not change them.
 FIXED_KEYS = ("field.",)
@@ -296,13 +308,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, prior: Prior | Non
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (or resumes) and writes the outputs; exits with status 143 when preempted."""
+    """Trains (or resumes) and writes the outputs; exits with status 143 when preempted.
+
+    An empty scene (`occupancy`) is a result, not an error: metrics.json says
+    `"empty_scene": true` and the returned `warnings` (printed last by lmc_jax.main) say so.
+    """
     res = train(config, workdir)
     field, state, train_seconds = res["field"], res["state"], res["seconds"]
     out = {}
     if parallel.is_main_process():
         out = write_outputs(field, state.params, config, workdir)
-        out.update(evaluate_views(field, state.params, config))
+        views, acc = eval_views(field, state.params, config)
+        out.update(occupancy(acc))
+        out.update(evaluate_views(field, state.params, config, views=views))
+        if out["empty_scene"]:
+            out["warnings"] = [empty_scene_warning(out, workdir)]
     result = {k: float(v) for k, v in res["metrics"].items()}
     result.update(out, train_seconds=train_seconds, steps=config.steps,
                   seconds_per_step=train_seconds / max(config.steps - res["start_step"], 1))
@@ -310,7 +330,45 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         io.write_json(os.path.join(workdir, "metrics.json"), result)
         print(io.format_table([[k, v] for k, v in result.items()
                                if not isinstance(v, (str, list))], ["metric", "value"]))
+        for w in result.get("warnings", []):
+            logging.warning("%s", w)
     return result
+
+
+def eval_views(field: MLPField, params, config) -> tuple[np.ndarray, np.ndarray]:
+    """The `EVAL_VIEWS` orbit views (elevation 20 degrees, `EVAL_SIZE` pixels, on the
+    evaluator's mid grey) and their accumulated opacity."""
+    from lmc_jax.data import shapes
+
+    return orbit_views(field, params, config, EVAL_VIEWS, EVAL_SIZE, elevation=20.0,
+                       background=float(np.mean(shapes.BACKGROUND)))
+
+
+def occupancy(acc: np.ndarray) -> dict:
+    """Whether the views `acc` [N, H, W] (accumulated opacity `1 - prod_i (1 - alpha_i)`) show
+    anything.
+
+        opaque_fraction = mean_pixels [acc >= 1/2],   mean_opacity = mean_pixels acc
+        empty_scene     = opaque_fraction < 0.01
+
+    A pixel with `acc >= 1/2` shows more field than background. The embedded prior's training
+    objects cover 8% (smallest) to 23% (mean) of their 32x32 renders, an object of any prior
+    framed by the orbit cameras a few percent at least; under 1% (10 pixels of a 32x32 view)
+    no object is there: the field collapsed (no density) or is faint fog only.
+    """
+    acc = np.asarray(acc, np.float32)
+    opaque = float(np.mean(acc >= OPAQUE_ACC))
+    return {"mean_opacity": float(np.mean(acc)), "opaque_fraction": opaque,
+            "empty_scene": opaque < EMPTY_OPAQUE_FRACTION}
+
+
+def empty_scene_warning(out: dict, workdir: str) -> str:
+    """The line that tells a user the run produced nothing to look at."""
+    return (f"EMPTY SCENE: {100 * out['opaque_fraction']:.2f}% of the evaluation views' pixels "
+            f"are opaque (acc >= {OPAQUE_ACC}; < {100 * EMPTY_OPAQUE_FRACTION:g}% counts as "
+            f"empty), mean opacity {out['mean_opacity']:.4f}: the field collapsed and "
+            f"{os.path.join(workdir, 'video.mp4')} shows background only. Try another seed, a "
+            "lower reg.opacity or a higher guidance.w.")
 
 
 def write_outputs(field: MLPField, params, config, workdir: str) -> dict:
@@ -333,22 +391,23 @@ def write_outputs(field: MLPField, params, config, workdir: str) -> dict:
     return out
 
 
-def evaluate_views(field: MLPField, params, config) -> dict:
+def evaluate_views(field: MLPField, params, config, views: np.ndarray | None = None) -> dict:
     """The shape-and-colour evaluator's scores of `EVAL_VIEWS` orbit views of the result.
 
     With the embedded prior and a prompt the evaluator reads ("a green torus";
     lmc_jax.metrics.shapes_eval): the fraction of views classified as the prompt
     (`eval_accuracy`), R-precision against all 25 shape-colour prompts (`eval_r_precision`),
     and the views' colourfulness over that of held-out training renders of the same prompt
-    (`colourfulness_ratio`: 1 is right, > 1 over-saturated). Otherwise `{}`.
+    (`colourfulness_ratio`: 1 is right, > 1 over-saturated). Otherwise `{}`. `views`: those of
+    `eval_views`, when already rendered.
     """
     from lmc_jax.apps.optimize import evaluator_scores
     from lmc_jax.data import shapes
     from lmc_jax.metrics.color import colorfulness
     from lmc_jax.metrics.shapes_eval import parse_prompt
 
-    grey = float(np.mean(shapes.BACKGROUND))
-    views = render_orbit(field, params, config, EVAL_VIEWS, 32, elevation=20.0, background=grey)
+    if views is None:
+        views = eval_views(field, params, config)[0]
     x = views.astype(np.float32) / 127.5 - 1.0
     scores = evaluator_scores(config.prior.name, x, config.prompt)
     if not scores:

@@ -1,6 +1,6 @@
 """The analytic testbed: the paper's claim, reproduced on an exact Gaussian prior.
 
-DESIGN.md section 4 / issue "Learned manifold corrective". Settings fixed so the figures mean
+docs/design.md section 4. Settings fixed so the figures mean
 the same everywhere: 32x32x3 images; SD's scaled-linear betas (0.00085..0.012, 1000 steps); a
 stationary Gaussian with power spectrum 1/(f^2 + 1) scaled to pixel variance 0.25; timesteps
 uniform in [20, 980]; W(t) = s_t^2; plain gradient descent with lr 0.05; high frequencies are
@@ -24,6 +24,17 @@ hf_retention_sds 0.004, hf_retention_lmc_exact 1.000, hf_retention_lmc 0.988, mi
 target_acc 1 / 1, saturation SDS 1.40 / LMC 0.86, mixture_bias_rel_err 0.40.
 Presets: `:quick` (a few hundred b_psi steps, fewer images: for tests and a first look,
 ~1 minute), `:exact` (part 1 only, ~15 s).
+
+`:manifold` (lmc_jax.apps.manifold): where LMC-SDS differs from CSD. On one Gaussian the exact
+b cancels LMC's projection term for every x (LMC = CSD plus zero-mean noise); here the prior is
+an exact mixture of six textured classes (prior 'gaussian_patterns', shared-covariance variance
+0.02) and LMC runs with the best linear b (closed form), the mixture's own b (Monte Carlo) and a
+b_psi learned on samples, from blurred / patched / blended / noise starts, at w = 0 and w = 7.5,
+against SDS (w = 0, 7.5, 100) and CSD. Writes metrics.json, manifold.png and a table.
+
+    python -m lmc_jax.main --config=configs/testbed.py:manifold --workdir=runs/manifold
+
+`:manifold_quick`: the same without the learned b_psi, fewer steps (the test's plumbing run).
 """
 
 import ml_collections
@@ -43,7 +54,7 @@ def _bias_training(steps: int, conditional: bool) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    preset = parse_preset(arg, ["quick", "exact"], "testbed")
+    preset = parse_preset(arg, ["quick", "exact", "manifold", "manifold_quick"], "testbed")
     config = ml_collections.ConfigDict()
     config.app = "testbed"
     config.seed = 0
@@ -72,7 +83,35 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.mixture.steps = 200
         config.mixture.batch = 16
         config.mixture.num_images = 8
+    if preset.startswith("manifold"):
+        return _manifold(preset == "manifold_quick")
     if preset == "exact":
         config.learned.enabled = False
         config.mixture.enabled = False
+    return config
+
+
+def _manifold(quick: bool) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.app = "manifold"
+    config.seed = 0
+    config.prior = prior_config("gaussian_patterns", resolution=32, variance=0.02)
+    config.guidance = guidance_config("lmc", weighting="sigma2", t_min=20, t_max=980)
+    config.steps = 200
+    config.lr = 0.05
+    config.manifold = ml_collections.ConfigDict({
+        "w_low": 7.5, "w_high": 100.0,
+        "blur_cutoff": 3.0,  # blurred starts: Gaussian low-pass at 3 cycles per image
+        "noise_std": 0.5,  # noise starts: white noise of this std
+        "hf_cutoff": 4.0,  # hf: energy above 4 cycles per image (where the patterns live)
+        "post_pairs": 16,  # antithetic pairs of the Monte Carlo E[x_hat | x]
+        "settings": ("w0", "wlow"),  # w0: null prompt, w = 0; wlow: class prompt, w_low
+    })
+    config.manifold.learned = _bias_training(2000, conditional=False)
+    config.manifold.learned.lr = 3e-3
+    config.manifold.learned.enabled = True
+    if quick:
+        config.steps = 20
+        config.manifold.post_pairs = 2
+        config.manifold.learned.enabled = False
     return config

@@ -20,6 +20,7 @@ from flax import struct
 
 from lmc_jax import schedule
 from lmc_jax.bias.model import BiasNet
+from lmc_jax.priors import gaussian
 from lmc_jax.priors.base import Prior, x_hat_from_eps
 
 
@@ -105,12 +106,13 @@ def relative_bias_error(bias_fn: Callable, prior: Prior, x: jax.Array, emb: jax.
                         ts: list[int]) -> dict[int, float]:
     """`E_x || b_psi(x, t) - b(x, t) || / || b(x, t) - mu ||` per t, against the prior's exact
     deficiency `b` (`mu` = the prompt's class mean, where `b` returns to it as t grows)."""
-    mu = (emb / jnp.sum(emb, -1, keepdims=True)) @ prior.params["mu"]
+    mu = jnp.einsum("bk,khwc->bhwc", emb / jnp.sum(emb, -1, keepdims=True),
+                    gaussian.class_means(prior.params))
     out = {}
     for t in ts:
         tt = jnp.full((x.shape[0],), t, jnp.int32)
         b = prior.exact_bias(x, tt, emb)
         err = jnp.sqrt(jnp.sum((bias_fn(x, tt, emb) - b) ** 2, axis=(1, 2, 3)))
-        ref = jnp.sqrt(jnp.sum((b - mu[:, None, None, :]) ** 2, axis=(1, 2, 3)))
+        ref = jnp.sqrt(jnp.sum((b - mu) ** 2, axis=(1, 2, 3)))
         out[t] = float(jnp.mean(err / ref))
     return out

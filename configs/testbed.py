@@ -34,6 +34,10 @@ against SDS (w = 0, 7.5, 100) and CSD. Writes metrics.json, manifold.png and a t
 
     python -m lmc_jax.main --config=configs/testbed.py:manifold --workdir=runs/manifold
 
+Measured on 2 CPU cores shared with other jobs: b_psi 2000 steps ~11 min, then the 13 runs
+~6-12 min (`--config.manifold.learned.bias_path=DIR/bias` reuses a trained b_psi). Results
+(seed 0, seed 1 within 0.03): docs/design.md section 4.4 and docs/testbed_manifold.png.
+
 `:manifold_quick`: the same without the learned b_psi, fewer steps (the test's plumbing run).
 """
 

@@ -11,7 +11,7 @@ LMC-SDS and its shipped b_psi (seconds on a CPU; metrics.json holds the evaluato
 
 import ml_collections
 
-from lmc_jax.config import guidance_config, parse_preset, prior_config
+from lmc_jax.config import EMBEDDED_NEGATIVE_PROMPT, guidance_config, parse_preset, prior_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -33,7 +33,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if preset == "tiny":
         config.prompt = "a yellow cone"
         config.prior = prior_config("embedded", resolution=32)
-        config.guidance = guidance_config("lmc", w=7.5, bias="learned", bias_path="embedded")
+        config.guidance = guidance_config("lmc", w=7.5, bias="learned", bias_path="embedded",
+                                          negative_prompt=EMBEDDED_NEGATIVE_PROMPT)
         config.steps = 200
         config.lr = 0.05
         config.log_every = 50

@@ -29,7 +29,7 @@ mesh.ply.
 
 import ml_collections
 
-from lmc_jax.config import guidance_config, parse_preset, prior_config
+from lmc_jax.config import EMBEDDED_NEGATIVE_PROMPT, guidance_config, parse_preset, prior_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -94,7 +94,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.view_dependent_prompt = False
         c.prior = prior_config("embedded", resolution=32)
         c.guidance = guidance_config("lmc", w=7.5, bias="learned", bias_path="embedded",
-                                     t_min=20, t_max=980)
+                                     t_min=20, t_max=980,
+                                     negative_prompt=EMBEDDED_NEGATIVE_PROMPT)
         c.shading.background = "grey"
         c.camera.elevation_range = (0.0, 50.0)
         c.camera.distance_range = (2.0, 2.6)

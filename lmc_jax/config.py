@@ -14,6 +14,11 @@ import ml_collections
 
 from lmc_jax.errors import UserError
 
+# NFSD's negative prompt for the embedded prior, which knows only its captions' words: the
+# empty scene is that world's failure ("a plain background"), the default list's words are
+# unknown to it.
+EMBEDDED_NEGATIVE_PROMPT = "a plain background"
+
 
 def prior_config(name: str = "gaussian", **overrides) -> ml_collections.ConfigDict:
     """The `prior` section.
@@ -47,8 +52,9 @@ def prior_config(name: str = "gaussian", **overrides) -> ml_collections.ConfigDi
 def guidance_config(method: str = "lmc", **overrides) -> ml_collections.ConfigDict:
     """The `guidance` section.
 
-    w is the paper's guidance weight: `e_w = e_c + w (e_c - e_u)`. diffusers/threestudio's
-    `guidance_scale` g equals w + 1 (their 100 is our 99).
+    w is the paper's guidance weight: `e_w = e_c + w (e_c - e_u)`. diffusers' `guidance_scale`
+    g equals w + 1; DreamFusion's and threestudio's SD guidance_scale already are w
+    (docs/baselines.md).
     """
     cfg = ml_collections.ConfigDict({
         "method": method,  # sds | lmc | dds | nfsd | csd

@@ -9,8 +9,9 @@ application pulls back to its parameters with `jax.vjp` (or `surrogate_loss`). T
 the gradient are returned by the paper's names (`L_cond`, `L_proj`, `L_lmc`) so that the
 decomposition is visible in logs and tests.
 
-Guidance convention (the paper's): `e_w = e_c + w (e_c - e_u)`. diffusers' and threestudio's
-`guidance_scale` g is `w = g - 1` (g = 100 there is w = 99 here).
+Guidance convention (the paper's): `e_w = e_c + w (e_c - e_u)`. diffusers' `guidance_scale` g
+is `w = g - 1`; DreamFusion's and threestudio's SD guidance_scale already are `w`
+(docs/baselines.md).
 """
 
 from __future__ import annotations

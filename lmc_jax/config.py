@@ -69,9 +69,10 @@ def guidance_config(method: str = "lmc", **overrides) -> ml_collections.ConfigDi
         # lmc with bias='learned': a trained b_psi folder ('embedded': the embedded prior's)
         "bias_path": "",
         "nfsd_threshold": 200,
-        # lmc: x_hat from e_c with b(x, t, prompt) ('cond') or from e_u with b(x, t, "")
-        # ('uncond'); see lmc_jax.guidance.lmc
-        "lmc_xhat": "cond",
+        # lmc: x_hat from e_u with b(x, t, "") ('uncond', the pairing for an unconditional
+        # b_psi) or from e_c with b(x, t, prompt) ('cond', for a conditional b_psi); see
+        # lmc_jax.guidance.lmc
+        "lmc_xhat": "uncond",
         "negative_prompt": ("unrealistic, blurry, low quality, out of focus, ugly, low contrast,"
                             " dull, dark, low-resolution, gloomy"),
     })

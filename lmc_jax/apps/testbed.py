@@ -173,7 +173,8 @@ def run_mixture(config: ml_collections.ConfigDict, workdir: str, key: jax.Array)
     finals = {}
     for name, method, w, fn in [("sds", "sds", mcfg.w_sds, None),
                                 ("lmc", "lmc", mcfg.w_lmc, bias_fn)]:
-        hp = GuidanceParams(w=w, weighting=gcfg.weighting, bias_fn=fn)
+        # The mixture's b_psi is conditional (trained on x_hat from the class prompt).
+        hp = GuidanceParams(w=w, weighting=gcfg.weighting, bias_fn=fn, lmc_xhat="cond")
         x, _ = descend(prior, x0, cond, method, hp, gcfg, config.steps, config.lr, k_noise, [])
         colour = np.asarray(x).mean(axis=(1, 2))  # [n, 3]
         nearest = np.argmin(((colour[:, None] - mus[None]) ** 2).sum(-1), axis=1)

@@ -58,7 +58,7 @@ class GuidanceParams:
     weighting: str = struct.field(pytree_node=False, default="sigma2")
     bias_fn: BiasFn | None = struct.field(pytree_node=False, default=None)
     nfsd_threshold: int = struct.field(pytree_node=False, default=200)
-    lmc_xhat: str = struct.field(pytree_node=False, default="cond")
+    lmc_xhat: str = struct.field(pytree_node=False, default="uncond")
 
 
 @struct.dataclass

@@ -201,7 +201,7 @@ def test_lmc_with_the_mixtures_own_b_is_csd_in_expectation_linear_b_is_not():
     """Off the data manifold (a blend of two textured components), on an exact mixture:
     E_eps[grad LMC] with b = b_post (the mixture's own E[x_hat | x]) equals CSD's; with the
     best linear b (moment-matched Gaussian) it does not (the manifold corrective)."""
-    res, n, pairs = 4, 1024, 128
+    res, n, pairs = 4, 512, 64
     rng = np.random.default_rng(5)
     classes = {f"c{i}": rng.uniform(-0.8, 0.8, (res, res, 1)).astype(np.float32)
                for i in range(3)}

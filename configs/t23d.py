@@ -60,8 +60,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "ambient": 0.1, "diffuse": 0.9, "background": "random",  # random | mlp | grey
         "grey_range": (0.55, 0.85),  # background='grey': uniform grey level per view
     })
+    # The initial density blob (lmc_jax.nerf.field): Magic3D's linear one, threestudio's default
+    # with these values and softplus. DreamFusion's Gaussian ('gaussian') leaves the scene
+    # outside the ball at softplus(~0) = 0.69, a fog over 90% of a :tiny view; removing it
+    # (reg.opacity) emptied the whole scene for 'a yellow ring' (LMC-SDS and CSD) and 'a yellow
+    # torus' (LMC-SDS) at seed 0, an empty scene from which softplus' vanishing slope never lets
+    # the guidance recover. The linear blob starts with the ball alone (16% of a :tiny view).
     c.field = ml_collections.ConfigDict({
         "width": 64, "depth": 4, "max_deg": 8, "blob_density": 10.0, "blob_radius": 0.5,
+        "blob_shape": "linear",  # linear | gaussian
     })
     c.reg = ml_collections.ConfigDict({"orientation": 1e-2, "opacity": 1e-3})
     c.output = ml_collections.ConfigDict({

@@ -56,6 +56,7 @@ def test_short_run_writes_video_mesh_grids_and_resumes(tmp_path):
     ("steps", 0, "steps must be > 0"),
     ("render.size", 12, "render.size=12"),
     ("render.size", 64, "render.size=64"),
+    ("field.blob_shape", "cubic", "field.blob_shape"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, key, value, needle):
     c = _config()
@@ -216,3 +217,21 @@ def test_the_prompt_benchmark_counts_an_empty_scene_as_a_failure():
     (row,) = bench.summarize({"lmc": per}, ("eval_r_precision", "opaque_fraction"))
     assert row[0] == "lmc" and row[-1] == 1
     np.testing.assert_allclose(row[2:4], [2 / 3, 0.4 / 3])
+
+
+@pytest.mark.parametrize("shape,lo,hi", [("linear", 0.05, 0.35), ("gaussian", 0.8, 1.0)])
+def test_the_initial_scene_is_an_object_not_a_fog(shape, lo, hi):
+    """:tiny's untrained field seen by the evaluation views: the linear blob is a ball covering
+    about what the embedded prior's objects cover (8-23% of a view); DreamFusion's Gaussian
+    blob leaves softplus(~0) fog over the whole scene (most of the view opaque)."""
+    import optax
+
+    from lmc_jax.nerf import shading
+
+    c = load_config(os.path.join(ROOT, "configs", "t23d.py"), "tiny")
+    assert c.field.blob_shape == "linear"
+    c.field.blob_shape = shape
+    field = t23d.build_field(c.field)
+    state = t23d.init_state(c, field, shading.BackgroundMLP(), optax.adam(1e-3))
+    occ = t23d.occupancy(t23d.eval_views(field, state.params, c)[1])
+    assert lo < occ["opaque_fraction"] < hi, occ

@@ -44,7 +44,7 @@ from lmc_jax.guidance import Conditioning, surrogate_loss
 from lmc_jax.guidance.common import rebind_exact_bias
 from lmc_jax.guidance.from_config import build_guidance, negative_prompt, noise_for_step
 from lmc_jax.nerf import cameras, export, regularizers, shading
-from lmc_jax.nerf.field import MLPField
+from lmc_jax.nerf.field import BLOB_SHAPES, MLPField
 from lmc_jax.nerf.renderer import render_rays
 from lmc_jax.priors.base import Prior
 from lmc_jax.priors.factory import build_prior
@@ -61,7 +61,8 @@ class T23DState:
 
 def build_field(cfg: ml_collections.ConfigDict) -> MLPField:
     return MLPField(width=cfg.width, depth=cfg.depth, max_deg=cfg.max_deg,
-                    blob_density=cfg.blob_density, blob_radius=cfg.blob_radius)
+                    blob_density=cfg.blob_density, blob_radius=cfg.blob_radius,
+                    blob_shape=cfg.blob_shape)
 
 
 def validate(config: ml_collections.ConfigDict, prior: Prior) -> str:
@@ -75,6 +76,9 @@ def validate(config: ml_collections.ConfigDict, prior: Prior) -> str:
                         + (f" that divides {img}" if prior.kind == "pixel" else ""))
     if config.render.prior_input != "encode":
         raise UserError(f"render.prior_input={config.render.prior_input!r}; only 'encode' exists")
+    if config.field.blob_shape not in BLOB_SHAPES:
+        raise UserError(f"field.blob_shape must be one of {list(BLOB_SHAPES)}, got "
+                        f"{config.field.blob_shape!r}")
     if config.shading.background not in BACKGROUNDS:
         raise UserError(f"shading.background must be one of {list(BACKGROUNDS)}, got "
                         f"{config.shading.background!r}")

@@ -3,24 +3,17 @@ the exact Gaussian prior's denoising loss, the Frechet distance, the evaluator's
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _bench import load_benchmark
 
 from lmc_jax.priors import gaussian
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ablation.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("ablation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ablation")
 
 
 def _wave(n: int, ky: int, kx: int, amplitude: float) -> np.ndarray:

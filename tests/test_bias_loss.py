@@ -3,25 +3,18 @@ a known offset, with the Monte-Carlo estimate's own variance taken out."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _bench import load_benchmark
 
 from lmc_jax.priors import gaussian
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bias_loss.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bias_loss", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bias_loss")
 
 
 @pytest.fixture(scope="module")

@@ -199,12 +199,9 @@ def test_a_collapsed_field_ends_the_cli_run_with_a_warning_and_status_0(tmp_path
 
 
 def test_the_prompt_benchmark_counts_an_empty_scene_as_a_failure():
-    import importlib.util
+    from _bench import load_benchmark
 
-    path = os.path.join(ROOT, "benchmarks", "t23d_prompts.py")
-    spec = importlib.util.spec_from_file_location("t23d_prompts", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("t23d_prompts")
     full = {"eval_accuracy": 1.0, "eval_r_precision": 1.0, "opaque_fraction": 0.2,
             "empty_scene": False}
     # The evaluator may well pick the prompt's class for a bare grey view: it does not count.

@@ -66,7 +66,7 @@ def make_starts(prior: Prior, key: jax.Array, blur_cutoff: float, noise_std: flo
     mask = np.zeros((h, w, 1), np.float32)
     mask[h // 4: h // 4 + h // 2, w // 4: w // 4 + w // 2] = 1.0
     patched = data * (1 - mask) + other * mask
-    means = jnp.broadcast_to(gaussian.class_means(prior.params), (k, h, w, c))
+    means = gaussian.mean_images(prior.params)
     zero_mean = gaussian.sample(prior.params, k3, k, jnp.zeros(k, jnp.int32)) - means[0]
     blend = 0.5 * (means + means[(labels + 1) % k]) + zero_mean
     noise = noise_std * jax.random.normal(k4, (k, h, w, c))
@@ -77,9 +77,8 @@ def make_starts(prior: Prior, key: jax.Array, blur_cutoff: float, noise_std: flo
 def result_metrics(prior: Prior, x: jax.Array, x0: jax.Array, labels: np.ndarray,
                    data_hf: float, cutoff: float) -> dict[str, np.ndarray]:
     """Per-image exact figures of a result (see the module docstring)."""
-    k = prior.params["log_pi"].shape[0]
     h, w, c = prior.x_shape
-    means = jnp.broadcast_to(gaussian.class_means(prior.params), (k, h, w, c))
+    means = gaussian.mean_images(prior.params)
     dists = jnp.sqrt(jnp.mean((x[:, None] - means[None]) ** 2, axis=(2, 3, 4)))  # [B, K]
     return {
         "logp": np.asarray(gaussian.log_density(prior.params, x)) / (h * w * c),

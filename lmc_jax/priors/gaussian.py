@@ -87,6 +87,13 @@ def class_means(params: dict) -> jax.Array:
     return mu[:, None, None, :] if mu.ndim == 2 else mu
 
 
+def mean_images(params: dict) -> jax.Array:
+    """The component means as full images, [K, H, W, C] (constant colours broadcast)."""
+    mu = params["mu"]
+    h, w = params["lam"].shape
+    return jnp.broadcast_to(class_means(params), (mu.shape[0], h, w, mu.shape[-1]))
+
+
 def _class_weights(params: dict, emb: jax.Array) -> jax.Array:
     """Prompt-restricted mixture weights `emb_k pi_k / sum_j emb_j pi_j`, [B, K]."""
     wts = jnp.maximum(emb, 0.0) * jnp.exp(params["log_pi"])[None]
@@ -107,8 +114,7 @@ def responsibilities(params: dict, x_t: jax.Array, a: jax.Array, s: jax.Array,
     `sum_f [a Re(X conj(M_k)) - a^2 |M_k|^2 / 2] / v(f)` (the `|X|^2` term is shared).
     For constant-colour means only the DC coefficient contributes.
     """
-    h, w = params["lam"].shape
-    mu = jnp.broadcast_to(class_means(params), (params["log_pi"].shape[0], h, w, x_t.shape[-1]))
+    mu = mean_images(params)
     xf = jnp.fft.fft2(x_t, axes=(1, 2), norm="ortho")  # [B, H, W, C]
     mf = jnp.fft.fft2(mu, axes=(1, 2), norm="ortho")  # [K, H, W, C]
     inv_v = 1.0 / (a[:, None, None] ** 2 * params["lam"] + s[:, None, None] ** 2)  # [B, H, W]
@@ -166,8 +172,7 @@ def linear_bias_fn(params: dict, x: jax.Array, t: jax.Array, emb: jax.Array,
     """
     a, s = schedule.alpha_sigma(alphas_cumprod, t)
     wts = _class_weights(params, emb)  # [B, K]
-    h, w = params["lam"].shape
-    means = jnp.broadcast_to(class_means(params), (wts.shape[1], h, w, x.shape[-1]))
+    means = mean_images(params)
     m = _mix(wts, means)  # [B, H, W, C]
     u = jnp.sqrt(wts)[:, :, None, None, None] * (means[None] - m[:, None])  # [B, K, H, W, C]
     inv_a = 1.0 / (a[:, None, None] ** 2 * params["lam"] + s[:, None, None] ** 2)  # [B, H, W]
@@ -208,9 +213,8 @@ def log_density(params: dict, x: jax.Array, emb: jax.Array | None = None) -> jax
     k = params["log_pi"].shape[0]
     emb = jnp.ones((x.shape[0], k)) if emb is None else emb
     lam = params["lam"]
-    h, w = lam.shape
     c = x.shape[-1]
-    means = jnp.broadcast_to(class_means(params), (k, h, w, c))
+    means = mean_images(params)
     diff = x[:, None] - means[None]  # [B, K, H, W, C]
     df = jnp.fft.fft2(diff, axes=(2, 3), norm="ortho")
     maha = jnp.sum(jnp.abs(df) ** 2 / lam[None, None, :, :, None], axis=(2, 3, 4))

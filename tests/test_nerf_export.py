@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
+from lmc_jax import io
 from lmc_jax.errors import UserError
 from lmc_jax.nerf import export
 from lmc_jax.nerf import field as field_lib
@@ -120,11 +120,134 @@ def test_write_video_falls_back_to_gif(tmp_path):
     assert len(gif) == 5 and gif[0].shape[:2] == (33, 47)
 
 
-def test_image_grid(tmp_path):
-    images = np.stack([np.full((8, 10, 3), k / 5.0, np.float32) for k in range(5)])
-    grid = export.save_image_grid(tmp_path / "g.png", images, ncols=3, padding=2)
+def test_io_grid_replaces_tile_images():
+    images = np.stack([np.full((8, 10, 3), 10 * k, np.uint8) for k in range(5)])
+    grid = io.grid([images[:3], images[3:]], pad=2)
     assert grid.shape == (2 * (8 + 2) + 2, 3 * (10 + 2) + 2, 3)
-    back = np.asarray(Image.open(tmp_path / "g.png"))
-    np.testing.assert_array_equal(back, grid)
-    np.testing.assert_array_equal(grid[2:10, 14:24], 51)  # image 1 = round(0.2 * 255)
+    np.testing.assert_array_equal(grid[2:10, 14:24], 10)  # row 0, image 1
+    np.testing.assert_array_equal(grid[12:20, 14:24], 40)  # row 1, image 4
     np.testing.assert_array_equal(grid[12:20, 26:36], 255)  # empty cell
+    assert not hasattr(export, "tile_images")
+
+
+# A ball whose density falls linearly from PEAK at the centre to 0 at RADIUS: its peak is
+# below the old fixed threshold of 10, as for the 'a purple box' runs of issue 20.
+PEAK, RADIUS = 8.0, 0.5
+
+
+def _faint_ball(x):
+    return PEAK * jnp.maximum(1.0 - jnp.linalg.norm(x, axis=-1) / RADIUS, 0.0)
+
+
+def _albedo(x):
+    """Colour varying over the surface: red with x, blue against z, green constant."""
+    return jnp.stack([0.5 + 0.8 * x[:, 0], jnp.full_like(x[:, 0], 0.25),
+                      0.6 - 0.8 * x[:, 2]], axis=-1)
+
+
+def _albedo_np(x):
+    return np.clip(np.asarray(_albedo(jnp.asarray(x, jnp.float32))), 0.0, 1.0)
+
+
+def _opaque_radius():
+    """Impact parameter b at which the optical depth through the ball falls to ln 2."""
+    from scipy import integrate, optimize
+
+    def depth(b):
+        half = np.sqrt(RADIUS**2 - b**2)
+        return 2.0 * integrate.quad(lambda s: PEAK * (1.0 - np.hypot(b, s) / RADIUS), 0, half)[0]
+
+    return optimize.brentq(lambda b: depth(b) - np.log(2.0), 0.0, RADIUS - 1e-9)
+
+
+def test_auto_threshold_meshes_a_faint_ball_at_its_opaque_radius():
+    res = 48
+    voxel = 2.0 / (res - 1)
+    mesh = export.extract_surface(_faint_ball, _albedo, res, 1.0)  # threshold 'auto'
+    r = np.linalg.norm(mesh["vertices"], axis=-1)
+    b = _opaque_radius()  # 0.392: where the rendered ball stops being opaque
+    assert abs(r.mean() - b) < 0.25 * voxel and r.max() - r.min() < 0.25 * voxel
+    np.testing.assert_allclose(mesh["threshold"], PEAK * (1.0 - b / RADIUS), rtol=0.1)
+    np.testing.assert_allclose(mesh["colors"], _albedo_np(mesh["vertices"]), atol=1e-5)
+    # A fixed level is still available: the ball's level set at 4 is the sphere |x| = 0.25.
+    fixed = export.extract_surface(_faint_ball, _albedo, res, 1.0, threshold="4")
+    np.testing.assert_allclose(np.linalg.norm(fixed["vertices"], axis=-1), 0.25, atol=voxel / 4)
+    with pytest.raises(export.NoSurfaceError, match="peak density is 7"):
+        export.extract_surface(_faint_ball, _albedo, res, 1.0, threshold=10.0)
+    with pytest.raises(UserError, match="'auto' or a density"):
+        export.extract_surface(_faint_ball, _albedo, res, 1.0, threshold="high")
+
+
+def test_auto_threshold_touching_the_cube_still_closes_the_mesh():
+    # A box filling the grid: the one-voxel zero padding closes its surface.
+    mesh = export.extract_surface(lambda x: jnp.full_like(x[:, 0], 50.0), _albedo, 12, 1.0)
+    v, f = mesh["vertices"], mesh["faces"]
+    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
+    volume = np.sum(np.einsum("ij,ij->i", a, np.cross(b, c))) / 6.0
+    assert 8.0 < volume < (2.0 + 2.0 / 11) ** 3
+
+
+@pytest.mark.parametrize("level", [0.0, 0.1])
+def test_empty_field_has_no_surface(tmp_path, level):
+    # No density, and a faint fog whose optical depth across the cube (0.2) stays under ln 2.
+    fog = lambda x: jnp.full_like(x[:, 0], level)
+    with pytest.raises(export.NoSurfaceError, match="the field is empty"):
+        export.extract_surface(fog, _albedo, 16, 1.0)
+    out = export.write_assets(str(tmp_path), fog, _albedo, 16, 1.0, texture_size=32)
+    assert out["no_surface"] and out["mesh_faces"] == 0 and "empty" in out["no_surface_reason"]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("assets")
+    out = export.write_assets(str(workdir), _faint_ball, _albedo, 32, 1.0, texture_size=128)
+    return workdir, out
+
+
+def _texture_at(mesh):
+    """The texture's colour at each vertex's UV, looked up by trimesh (independent reader)."""
+    import trimesh
+
+    image = mesh.visual.material.baseColorTexture if hasattr(
+        mesh.visual.material, "baseColorTexture") else mesh.visual.material.image
+    assert image is not None and image.size == (128, 128)
+    pixels = np.asarray(image.convert("RGB"))
+    assert pixels.reshape(-1, 3).std(0).max() > 10  # not flat
+    rgba = trimesh.visual.color.uv_to_color(mesh.visual.uv, image)
+    return pixels, np.asarray(rgba)[:, :3] / 255.0
+
+
+def test_glb_loads_back_with_a_texture_of_the_albedo(assets):
+    import trimesh
+
+    workdir, out = assets
+    assert not out["no_surface"] and out["mesh_faces"] > 0 and out["texture_size"] == 128
+    scene = trimesh.load(workdir / "mesh.glb")
+    (mesh,) = scene.geometry.values()
+    assert len(mesh.faces) == out["mesh_faces"] and len(mesh.vertices) >= out["mesh_vertices"]
+    _, colours = _texture_at(mesh)
+    truth = _albedo_np(mesh.vertices)
+    # Nearest-texel lookup: about one texel off; every vertex has its UV (no unwrapped sliver).
+    assert np.mean(np.abs(colours - truth)) < 0.02 and np.abs(colours - truth).max() < 0.05
+    np.testing.assert_allclose(mesh.vertex_attributes["_ALBEDO"], truth, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(mesh.vertices, axis=-1), _opaque_radius(),
+                               atol=2.0 / 31)
+
+
+def test_obj_mtl_png_load_back_with_the_texture(assets):
+    import trimesh
+
+    workdir, out = assets
+    assert (workdir / "mesh.mtl").exists() and (workdir / "mesh_albedo.png").exists()
+    mesh = trimesh.load(workdir / "mesh.obj", process=False)
+    assert len(mesh.faces) == out["mesh_faces"]
+    _, colours = _texture_at(mesh)
+    assert np.mean(np.abs(colours - _albedo_np(mesh.vertices))) < 0.02
+
+
+def test_ply_has_the_vertex_colours(assets):
+    workdir, out = assets
+    v, rgb, f = _read_ply(workdir / "mesh.ply")
+    assert len(v) == out["mesh_vertices"] and len(f) == out["mesh_faces"]
+    np.testing.assert_allclose(rgb / 255.0, _albedo_np(v), atol=1.0 / 255 + 1e-6)

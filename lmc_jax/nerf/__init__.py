@@ -8,7 +8,7 @@
 - `renderer`: `render_rays`, the pieces above wired into a coarse-to-fine render of a field.
 - `shading`: density-gradient normals, albedo/lambertian/textureless shading, backgrounds.
 - `regularizers`: orientation and opacity losses.
-- `export`: marching-cubes meshes, OBJ/PLY, videos, image grids.
+- `export`: marching-cubes meshes, textured GLB/OBJ, PLY, videos.
 """
 
 from lmc_jax.nerf.cameras import (
@@ -32,8 +32,6 @@ from lmc_jax.nerf.export import (
     field_density_fn,
     grid_points,
     marching_cubes,
-    save_image_grid,
-    tile_images,
     to_uint8,
     write_obj,
     write_ply,
@@ -113,10 +111,8 @@ __all__ = [
     "sample_pdf",
     "sample_shading_mode",
     "sample_stratified",
-    "save_image_grid",
     "shade",
     "spherical_to_position",
-    "tile_images",
     "to_uint8",
     "value_and_position_gradient",
     "view_index",

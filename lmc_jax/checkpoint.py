@@ -3,7 +3,9 @@
 A run's state is one pytree (params, optimizer state, step, RNG key, ...). `Checkpointer`
 saves it every N steps with the resolved config and a digest of the state beside it, keeps the
 newest K, and restores the newest checkpoint that reads back cleanly: a partial, truncated or
-corrupt newest one is skipped with a warning and moved to `checkpoints_unreadable/`. A resume
+corrupt newest one is skipped with a warning and moved to `checkpoints_unreadable/`. When every
+checkpoint is unreadable the run stops (`UserError` saying what was found) instead of starting
+over silently; `--fresh_start` (`set_fresh_start(True)`) starts over on purpose. A resume
 whose config changed a key that fixes the state's shapes (`fixed_keys`) is refused with a
 message naming the keys. `Preemption` turns SIGTERM/SIGINT into a flag the loop checks.
 `TrainGuard` is the per-step part of the loop every app shares:
@@ -41,6 +43,14 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "enospc", "resource_exhausted")
 
 
+_FRESH_START = [False]  # set by lmc_jax.main --fresh_start
+
+
+def set_fresh_start(allowed: bool) -> None:
+    """Whether a workdir whose checkpoints are all unreadable may start over from step 0."""
+    _FRESH_START[0] = bool(allowed)
+
+
 class Preempted(SystemExit):
     """Raised by `TrainGuard` after saving on SIGTERM/SIGINT; exits with `EXIT_PREEMPTED`."""
 
@@ -53,9 +63,12 @@ class Preempted(SystemExit):
 class Checkpointer:
     """Saves/restores `{state, config, integrity}` under `workdir/checkpoints/<step>/`."""
 
-    def __init__(self, workdir: str, *, every: int = 1000, keep: int = 3):
+    def __init__(self, workdir: str, *, every: int = 1000, keep: int = 3,
+                 fresh_start: bool | None = None):
+        self.workdir = os.path.abspath(workdir)
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         self.every = max(int(every), 1)
+        self.fresh_start = _FRESH_START[0] if fresh_start is None else bool(fresh_start)
         self._mgr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -70,6 +83,9 @@ class Checkpointer:
         """Writes checkpoint `step` (blocking). A failed write leaves older ones intact."""
         integrity = {"sha256": state_digest(state), "time": time.time()}
         try:
+            from lmc_jax import workdir as wd_mod
+
+            wd_mod.commit_config(self.workdir)  # the run passed validation: config.json now
             self._mgr.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 config=ocp.args.JsonSave(_jsonable(config or {})),
@@ -98,8 +114,9 @@ class Checkpointer:
         `config`/`fixed_keys`: this run's config and the dotted keys (or `section.` prefixes)
         that fix the state's shapes; a checkpoint saved with other values for them is refused
         (UserError naming the keys). Returns `(state, config, step)` or None when there is none.
+        When checkpoints exist and none reads back: UserError, unless `fresh_start`.
         """
-        skipped = []
+        skipped, reasons = [], []
         result = None
         for step in reversed(self.steps()):
             try:
@@ -107,6 +124,7 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped
                 self._warn_unreadable(step, e)
                 skipped.append(step)
+                reasons.append(_short(e))
                 continue
             if config is not None and fixed_keys:
                 check_resume_config(saved, config, fixed_keys, step, self.directory)
@@ -118,9 +136,17 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001
                 self._warn_unreadable(step, e)
                 skipped.append(step)
+                reasons.append(_short(e))
                 continue
             result = (state, saved, step)
             break
+        if skipped and result is None and not self.fresh_start:
+            found = ", ".join(map(str, skipped))
+            raise UserError(f"none of the checkpoints in {self.directory} (steps {found}) reads "
+                            f"back (newest: {reasons[0]}); the run stopped rather than start "
+                            "over: restore the files, or add --fresh_start to move them to "
+                            "checkpoints_unreadable/ and start from step 0, or use a new "
+                            "--workdir")
         if skipped:
             self._set_aside(skipped)
         return result
@@ -185,6 +211,10 @@ class Checkpointer:
 
     def close(self) -> None:
         self._mgr.close()
+
+
+def _short(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
 
 
 def _is_disk_full(e: BaseException) -> bool:

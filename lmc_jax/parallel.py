@@ -157,11 +157,6 @@ def to_host(tree: Any) -> Any:
     return jax.tree_util.tree_map(get, tree)
 
 
-def describe(mesh: Mesh) -> str:
-    return (f"{mesh.size} device(s) ({mesh.devices.flat[0].platform}), data={data_size(mesh)} x "
-            f"model={mesh.shape[MODEL]}, {jax.process_count()} process(es)")
-
-
 # --- multi-host ---------------------------------------------------------------------------
 
 def _int_env(name: str) -> int:

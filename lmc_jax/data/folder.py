@@ -9,7 +9,8 @@ Everything is cached under `data.cache_dir` (default `<workdir>/data`):
    square), and writes uint8 images (PNG) plus the relative file name as array_record. Its config
    name holds the resolution and a fingerprint of the folder listing (names, sizes, mtimes), so
    adding, removing or editing an image, or changing the resolution, builds a new dataset.
-   Files that do not decode are skipped with a warning.
+   Files that do not decode are skipped with a warning; an image over PIL's decompression-bomb
+   limit (e.g. 14000x14000) stops the run with a `UserError` naming it (downscale or move it).
 2. Latent priors: all images are encoded once through `prior.encode` and saved as one .npy
    named after the prior, the resolution and the fingerprint. Pixel priors read the images from
    the dataset and scale them to [-1, 1].
@@ -102,6 +103,12 @@ def center_crop_resize(image: Image.Image, resolution: int) -> np.ndarray:
     return np.asarray(out, np.uint8)
 
 
+def _too_big(path: str, e: BaseException) -> UserError:
+    return UserError(f"image {path!r} in data.path is too large to decode safely ({e}); "
+                     "downscale it (its short side only needs the prior's resolution) or move "
+                     "it out of data.path")
+
+
 def load_image(path: str, resolution: int) -> tuple[np.ndarray, bool]:
     """Decodes, orients, converts and crops one file: (uint8 [res, res, 3], converted?).
 
@@ -168,7 +175,9 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             try:
                 image, converted = load_image(os.path.join(self._folder, rel), self._resolution)
                 return rel, image, converted, ""
-            except Exception as e:  # noqa: BLE001 - any decode failure skips the file
+            except Image.DecompressionBombError as e:
+                raise _too_big(os.path.join(self._folder, rel), e) from None
+            except Exception as e:  # noqa: BLE001 - any other decode failure skips the file
                 return rel, None, False, f"{type(e).__name__}: {e}"
 
         workers = max(1, min(8, os.cpu_count() or 1))

@@ -227,7 +227,8 @@ def test_glb_loads_back_with_a_texture_of_the_albedo(assets):
     (mesh,) = scene.geometry.values()
     assert len(mesh.faces) == out["mesh_faces"] and len(mesh.vertices) >= out["mesh_vertices"]
     _, colours = _texture_at(mesh)
-    truth = _albedo_np(mesh.vertices)
+    field_xyz = np.stack([mesh.vertices[:, 0], -mesh.vertices[:, 2], mesh.vertices[:, 1]], -1)
+    truth = _albedo_np(field_xyz)  # glTF is y up, the field z up
     # Nearest-texel lookup: about one texel off; every vertex has its UV (no unwrapped sliver).
     assert np.mean(np.abs(colours - truth)) < 0.02 and np.abs(colours - truth).max() < 0.05
     np.testing.assert_allclose(mesh.vertex_attributes["_ALBEDO"], truth, atol=1e-5)
@@ -243,7 +244,8 @@ def test_obj_mtl_png_load_back_with_the_texture(assets):
     mesh = trimesh.load(workdir / "mesh.obj", process=False)
     assert len(mesh.faces) == out["mesh_faces"]
     _, colours = _texture_at(mesh)
-    assert np.mean(np.abs(colours - _albedo_np(mesh.vertices))) < 0.02
+    field_xyz = np.stack([mesh.vertices[:, 0], -mesh.vertices[:, 2], mesh.vertices[:, 1]], -1)
+    assert np.mean(np.abs(colours - _albedo_np(field_xyz))) < 0.02
 
 
 def test_ply_has_the_vertex_colours(assets):

@@ -372,8 +372,16 @@ def bake_texture(vertices, faces, albedo_fn, texture_size=1024, chunk_size=65536
             "texture": to_uint8(image)}
 
 
+def z_up_to_y_up(points):
+    """Field (z up, as `lmc_jax.nerf.cameras`) to glTF/OBJ axes (y up): (x, y, z) -> (x, z, -y).
+    """
+    points = np.asarray(points)
+    return np.stack([points[..., 0], points[..., 2], -points[..., 1]], axis=-1)
+
+
 def textured_trimesh(textured, colors=None):
-    """A `trimesh.Trimesh` with the baked texture as a PBR base colour (metallic 0, rough 1).
+    """A `trimesh.Trimesh` with the baked texture as a PBR base colour (metallic 0, rough 1),
+    in glTF's y-up axes (`z_up_to_y_up`).
 
     `colors` [V', 3] (per output vertex) go in the custom vertex attribute `_ALBEDO`: glTF's
     COLOR_0 would multiply the texture in every viewer.
@@ -384,7 +392,7 @@ def textured_trimesh(textured, colors=None):
     material = trimesh.visual.material.PBRMaterial(
         name="albedo", baseColorTexture=Image.fromarray(textured["texture"]),
         metallicFactor=0.0, roughnessFactor=1.0)
-    mesh = trimesh.Trimesh(vertices=textured["vertices"], faces=textured["faces"],
+    mesh = trimesh.Trimesh(vertices=z_up_to_y_up(textured["vertices"]), faces=textured["faces"],
                            visual=trimesh.visual.TextureVisuals(uv=textured["uv"],
                                                                 material=material),
                            process=False)
@@ -405,7 +413,8 @@ def write_textured_obj(path, textured, colors=None):
     """Writes OBJ + MTL + PNG: `path`, `path` with .mtl, and `<stem>_albedo.png` beside it.
 
     The OBJ has `v x y z [r g b]`, `vt u v` and `f a/a b/b c/c` (1-based; position and UV
-    share the index); the MTL's `map_Kd` names the PNG.
+    share the index), in the y-up axes OBJ importers expect (`z_up_to_y_up`); the MTL's
+    `map_Kd` names the PNG.
     """
     from PIL import Image
 
@@ -416,7 +425,7 @@ def write_textured_obj(path, textured, colors=None):
     with open(os.path.join(folder, mtl), "w") as f:
         f.write(f"# lmc_jax material\nnewmtl albedo\nKa 1 1 1\nKd 1 1 1\nKs 0 0 0\nd 1\n"
                 f"illum 1\nmap_Kd {png}\n")
-    v = np.asarray(textured["vertices"], np.float64)
+    v = z_up_to_y_up(np.asarray(textured["vertices"], np.float64))
     faces = np.asarray(textured["faces"], np.int64) + 1
     with open(path, "w") as f:
         f.write(f"# lmc_jax textured mesh\nmtllib {mtl}\n")
@@ -435,8 +444,9 @@ def write_assets(workdir, density_fn, albedo_fn, resolution=128, bound=1.0,
                  threshold=AUTO_THRESHOLD, texture_size=1024, chunk_size=65536):
     """Meshes a field and writes mesh.glb, mesh.obj (+ mesh.mtl, mesh_albedo.png), mesh.ply.
 
-    The GLB and OBJ carry the baked albedo texture (`bake_texture`) and vertex colours; the
-    PLY has vertex colours on the welded mesh.
+    The GLB and OBJ carry the baked albedo texture (`bake_texture`) and vertex colours, y up
+    as their importers expect; the PLY has vertex colours on the welded mesh, in the field's
+    z-up axes (as Blender's PLY importer expects).
 
     Returns:
       `{"mesh_vertices", "mesh_faces", "mesh_threshold", "texture_size", "mesh_files"}`, or,

@@ -1,0 +1,120 @@
+"""report.html: contents, offline assets, and the 3D view in a real headless browser."""
+
+import base64
+import colorsys
+import html.parser
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from lmc_jax import report
+from lmc_jax.errors import UserError
+from lmc_jax.nerf import export
+
+PURPLE = (0.55, 0.15, 0.8)
+CONFIG = {"prompt": "a purple sphere", "steps": 300, "seed": 0, "prior": {"name": "embedded"},
+          "guidance": {"method": "lmc", "w": 7.5}}
+METRICS = {"eval_accuracy": 0.875, "opaque_fraction": 0.1234567, "empty_scene": False}
+
+
+def _ball(x):
+    return 30.0 * jnp.maximum(1.0 - jnp.linalg.norm(x, axis=-1) / 0.5, 0.0)
+
+
+def _purple(x):
+    return jnp.broadcast_to(jnp.asarray(PURPLE, jnp.float32), x.shape)
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    """A run folder as t23d leaves it: a purple ball's assets, grey views and grids."""
+    workdir = tmp_path_factory.mktemp("run")
+    out = export.write_assets(str(workdir), _ball, _purple, 24, 1.0, texture_size=64)
+    grey = np.full((16, 16, 3), 128, np.uint8)
+    for name in ("views.png", "grid_000200.png", "grid_000100.png", "grid_001000.png"):
+        Image.fromarray(grey).save(workdir / name)
+    path = report.write_report(str(workdir), {**METRICS, **out}, CONFIG)
+    return workdir, path
+
+
+class _Tags(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.text, self._in = [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        self._in = tag
+
+    def handle_data(self, data):
+        if self._in not in ("script", "style"):
+            self.text.append(data)
+
+
+def _parse(path):
+    parser = _Tags()
+    parser.feed(path.read_text() if hasattr(path, "read_text") else open(path).read())
+    return parser.tags, " ".join(parser.text)
+
+
+def test_report_shows_the_run_and_needs_nothing_outside_the_folder(run_folder):
+    workdir, path = run_folder
+    tags, text = _parse(workdir / "report.html")
+    assert "a purple sphere" in text and "LMC-SDS (w = 7.5)" in text and "300 steps" in text
+    assert "0.1235" in text and "0.875" in text  # metrics, 4 significant digits
+    imgs = [a["src"] for t, a in tags if t == "img"]
+    assert imgs == ["views.png", "grid_000100.png", "grid_000200.png", "grid_001000.png"]
+    links = {a["href"] for t, a in tags if t == "a"}
+    assert {"mesh.glb", "mesh.obj", "mesh.mtl", "mesh_albedo.png", "mesh.ply"} <= links
+    # Every reference is a file in the folder (no network, nothing outside it).
+    for ref in imgs + sorted(links):
+        assert (workdir / ref).exists(), ref
+    assert not [a for t, a in tags if t == "script" and "src" in a]
+    page = (workdir / "report.html").read_text()
+    start = page.index('id="glb-data" type="application/octet-stream">') + 46
+    glb = base64.b64decode(page[start:page.index("</script>", start)])
+    assert glb == (workdir / "mesh.glb").read_bytes()
+    with open(report.VIEWER_JS) as f:
+        assert f.read(200) in page  # the vendored viewer, inlined
+
+
+def test_report_without_a_mesh_says_why(tmp_path):
+    empty = export.write_assets(str(tmp_path), lambda x: 0.0 * x[:, 0], _purple, 8, 1.0)
+    warning = "EMPTY SCENE: 0.00% of the evaluation views' pixels are opaque"
+    report.write_report(str(tmp_path), {**empty, "warnings": [warning]}, CONFIG)
+    tags, text = _parse(tmp_path / "report.html")
+    assert warning in text and "No 3D model: no surface: no ray" in text
+    assert not [t for t, _ in tags if t == "model-viewer"]
+    assert "glb-data" not in (tmp_path / "report.html").read_text()
+    with pytest.raises(UserError, match="not a folder"):
+        report.write_report(str(tmp_path / "missing"), {}, CONFIG)
+
+
+def _hue_match(pixels, rgb, tol_deg=20.0):
+    """Pixels (uint8 [N, 3]) of the hue of `rgb` and saturated (not grey/white/black)."""
+    hsv = np.asarray([colorsys.rgb_to_hsv(*p) for p in pixels / 255.0])
+    hue = colorsys.rgb_to_hsv(*rgb)[0]
+    dist = np.abs((hsv[:, 0] - hue + 0.5) % 1.0 - 0.5) * 360.0
+    return (dist < tol_deg) & (hsv[:, 1] > 0.4) & (hsv[:, 2] > 0.2)
+
+
+@pytest.mark.skipif(report.find_browser() is None,
+                    reason="no Chromium on PATH (Debian: apt-get install -y chromium; CI "
+                           "installs it)")
+def test_report_3d_view_shows_the_model_in_headless_chromium(run_folder, tmp_path):
+    workdir, path = run_folder
+    start = time.time()
+    shot = report.screenshot(path, str(tmp_path / "shot.png"), size=(600, 700))
+    seconds = time.time() - start
+    image = np.asarray(Image.open(shot).convert("RGB"))
+    # Nothing on the page but the 3D view is purple (the views and grids are grey).
+    pixels = image.reshape(-1, 3)
+    purple = _hue_match(pixels, PURPLE)
+    assert purple.sum() > 0.05 * report.VIEWER_SIZE**2, (purple.sum(), seconds)
+    ys, xs = np.nonzero(purple.reshape(image.shape[:2]))
+    # One blob about as wide as tall (a ball), inside the viewer's square.
+    height, width = ys.max() - ys.min(), xs.max() - xs.min()
+    assert 0.8 < height / width < 1.25 and width < report.VIEWER_SIZE

@@ -39,7 +39,12 @@ def prior_config(name: str = "gaussian", **overrides) -> ml_collections.ConfigDi
         # embedded: empty for the shipped prior, or a folder from configs/train_prior.py
         "path": "",
         "dtype": "float32",  # sd / tiny_sd / embedded: 'float32' or 'bfloat16'
-        "from_pt": False,  # sd: the folder holds PyTorch weights only
+        # sd: force reading PyTorch weights (a folder with only PyTorch weights is detected
+        # and converted without it; converted weights are cached under cache_dir)
+        "from_pt": False,
+        "revision": "",  # sd with a Hub id: branch, tag or commit ("" = main)
+        # converted weights and automatic b_psi; "" = $LMC_JAX_CACHE or ~/.cache/lmc_jax
+        "cache_dir": "",
         # sd / tiny_sd / embedded: 'late_norm' (lmc_jax.priors.attention, faster, same result)
         # or 'diffusers' (diffusers' FlaxAttention as is)
         "attention": "late_norm",
@@ -68,6 +73,11 @@ def guidance_config(method: str = "lmc", **overrides) -> ml_collections.ConfigDi
         "bias": "exact",  # lmc: 'exact' (Gaussian prior's closed form) or 'learned'
         # lmc with bias='learned': a trained b_psi folder ('embedded': the embedded prior's)
         "bias_path": "",
+        # lmc with bias='learned' and no bias_path: reuse the b_psi cached for this prior's
+        # weights or train one from the prior's own samples (lmc_jax.bias.auto); False = error
+        "bias_auto": True,
+        "bias_auto_steps": 0,  # automatic b_psi: training steps (0 = the recipe's default)
+        "bias_auto_samples": 0,  # automatic b_psi: DDIM samples drawn (0 = the recipe's)
         "nfsd_threshold": 200,
         # lmc: x_hat from e_u with b(x, t, "") ('uncond', the pairing for an unconditional
         # b_psi) or from e_c with b(x, t, prompt) ('cond', for a conditional b_psi); see

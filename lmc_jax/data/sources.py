@@ -9,6 +9,8 @@ A source is a function `batch(step) -> (x [B, *x_shape], emb [B, ...])`, determi
   through `prior.encode` (a stand-in for natural images where none are available).
 - 'folder': a directory of images (see `lmc_jax.data.folder`).
 - 'shapes': renders of the embedded prior's training set (see `lmc_jax.data.shapes`).
+- 'samples': an .npy file of samples already in x space at `data.path` (the prior's own DDIM
+  samples of `lmc_jax.bias.auto`), null-prompt conditioning.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from lmc_jax.errors import UserError
 from lmc_jax.priors import gaussian
@@ -32,7 +35,7 @@ def make_source(cfg: ml_collections.ConfigDict, prior: Prior, batch: int, seed: 
     key = jax.random.PRNGKey(seed + 1)
     null = prior.embed_text([""])
     if cfg.source == "prior":
-        if prior.bias_fn is None:
+        if not prior.has_exact_bias:
             raise UserError("data.source='prior' needs an exact prior (prior.name='gaussian' or "
                             "'gaussian_mixture')")
         k = prior.params["mu"].shape[0]
@@ -62,6 +65,13 @@ def make_source(cfg: ml_collections.ConfigDict, prior: Prior, batch: int, seed: 
         from lmc_jax.data.shapes import shapes_source
 
         return shapes_source(cfg, prior, batch, seed, conditional, workdir)
+    if cfg.source == "samples":
+        from lmc_jax.data.shapes import epoch_indices
+
+        xs = np.load(cfg.path)
+        indices = epoch_indices(len(xs), batch, seed)
+        emb = jnp.broadcast_to(null, (batch, *null.shape[1:]))
+        return lambda step: (jnp.asarray(xs[indices(step)]), emb)
     if cfg.source == "folder":
         from lmc_jax.data.folder import folder_source
 

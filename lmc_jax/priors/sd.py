@@ -302,7 +302,7 @@ def make_sd_prior(unet: Any, vae: Any | None, text_encoder: Any, tokenizer: Any,
 
 def load_stable_diffusion(path: str, *, dtype: str = "float32", from_pt: bool = False,
                           attention: str = "late_norm",
-                          revision: str | None = None) -> Prior:
+                          revision: str | None = None, cache_dir: str | None = None) -> Prior:
     """Loads a diffusers-layout Stable Diffusion (1.x/2.x) pipeline as a latent `Prior`.
 
     A pipeline whose model_index.json sets `"vae": [null, null]` has no VAE: its UNet works on
@@ -364,6 +364,11 @@ def _read_json(file: Path) -> dict[str, Any]:
         return json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"{file} is not valid JSON: {e}") from e
+
+
+def resolve_folder(path: str, *, revision: str | None = None) -> Path:
+    """The local folder of a prior path: the folder itself, or a Hub id's cached snapshot."""
+    return _resolve_folder(str(path), revision=revision, from_pt=True)
 
 
 def _resolve_folder(path: str, *, revision: str | None, from_pt: bool) -> Path:

@@ -1,0 +1,139 @@
+"""The automatic b_psi (lmc_jax.bias.auto): cache key, train-once-then-reuse, the off switch."""
+
+import hashlib
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from lmc_jax.bias import auto, train
+from lmc_jax.config import guidance_config, prior_config
+from lmc_jax.data.sources import make_source
+from lmc_jax.errors import UserError
+from lmc_jax.guidance.from_config import build_guidance
+from lmc_jax.priors import gaussian
+from lmc_jax.priors.factory import build_prior, config_of
+
+RES = 16
+RECIPE = auto.Recipe(num_samples=32, ddim_steps=10, sample_w=0.0, steps=150, batch=8,
+                     warmup=10, features=16)
+
+
+@pytest.fixture(scope="module")
+def prior_cfg():
+    return prior_config("gaussian", resolution=RES)
+
+
+@pytest.fixture(scope="module")
+def prior(prior_cfg):
+    return build_prior(prior_cfg)
+
+
+@pytest.fixture(scope="module")
+def trained(prior, prior_cfg, tmp_path_factory):
+    """(cache dir, b_psi folder, printed lines) of the first (training) call."""
+    cache = tmp_path_factory.mktemp("cache")
+    path = auto.auto_bias(prior, prior_cfg, RECIPE, prompt="", cache_dir=str(cache), quiet=True)
+    return cache, path
+
+
+def _write_folder(root, unet_bytes=b"unet weights"):
+    (root / "unet").mkdir(parents=True)
+    (root / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(unet_bytes)
+    (root / "unet" / "config.json").write_text("{}")
+    (root / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    (root / "bias").mkdir()
+    (root / "bias" / "bias.json").write_text("{}")  # not a weight file
+
+
+def test_fingerprint_is_sha256_of_the_weight_files_and_follows_their_content(tmp_path):
+    folder = tmp_path / "model"
+    _write_folder(folder)
+    cfg = prior_config("sd", path=str(folder))
+    cache = tmp_path / "cache"
+    fp = auto.prior_fingerprint(cfg, cache)
+    h = hashlib.sha256()  # independent: sorted relative names and content digests
+    for rel in ("model_index.json", "unet/config.json",
+                "unet/diffusion_pytorch_model.safetensors"):
+        h.update(f"{rel}\0{hashlib.sha256((folder / rel).read_bytes()).hexdigest()}\n".encode())
+    assert fp == h.hexdigest()
+    assert json.loads((cache / "digests.json").read_text())  # digests memoized
+    (folder / "bias" / "bias.json").write_text('{"other": 1}')
+    assert auto.prior_fingerprint(cfg, cache) == fp  # b_psi/evaluator files are not weights
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"unet weightz")
+    changed = auto.prior_fingerprint(cfg, cache)
+    assert changed != fp
+    key = auto.cache_key(fp, RECIPE)
+    assert auto.cache_key(changed, RECIPE) != key
+    assert auto.cache_key(fp, RECIPE.__class__(**{**RECIPE.__dict__, "steps": 151})) != key
+
+
+def test_samples_source_batches_are_rows_of_the_file(prior, tmp_path):
+    xs = np.random.default_rng(0).standard_normal((10, RES, RES, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", xs)
+    cfg = ml_collections.ConfigDict({"source": "samples", "path": str(tmp_path / "x.npy")})
+    source = make_source(cfg, prior, 4, 0, False, str(tmp_path))
+    seen = []
+    for step in range(2):  # one epoch: 2 batches of 4 distinct rows
+        x, emb = source(step)
+        assert x.shape == (4, RES, RES, 3) and emb.shape[0] == 4
+        for row in np.asarray(x):
+            seen.append(int(np.argmin(np.abs(xs - row).sum(axis=(1, 2, 3)))))
+            np.testing.assert_array_equal(row, xs[seen[-1]])
+    assert len(set(seen)) == 8
+
+
+def test_first_call_trains_a_b_psi_close_to_the_exact_deficiency(prior, trained):
+    _, path = trained
+    meta = json.loads(open(f"{path}/bias.json").read())
+    assert meta["training"]["auto"] and meta["training"]["steps"] == RECIPE.steps
+    assert meta["training"]["data"] == "prior samples"
+    from lmc_jax.bias.store import load_bias
+
+    fn = load_bias(path, prior)[2]
+    x = gaussian.sample(prior.params, jax.random.PRNGKey(123), 16)
+    emb = prior.embed_text([""] * 16)
+    ts = [250, 650]
+
+    def err(f):
+        return float(np.mean(list(train.relative_bias_error(f, prior, x, emb, ts).values())))
+
+    # trained on the prior's own DDIM samples only, it is far closer to the closed form b
+    assert err(fn) < 0.4 * err(lambda z, t, e: z), (err(fn), err(lambda z, t, e: z))
+
+
+def test_second_call_reuses_the_cache_without_training(prior, prior_cfg, trained, monkeypatch,
+                                                       capsys):
+    cache, path = trained
+    import lmc_jax.apps.bias as bias_app
+
+    def no_training(*a, **k):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(bias_app, "train_bias", no_training)
+    assert auto.auto_bias(prior, prior_cfg, RECIPE, cache_dir=str(cache)) == path
+    assert "reusing" in capsys.readouterr().out
+    # through build_guidance: the prior's config is the factory's record (cache from the
+    # environment) or the run's config (prior.cache_dir)
+    monkeypatch.setattr(auto, "recipe_from_config", lambda p, g: RECIPE)
+    monkeypatch.setenv(auto.CACHE_ENV, str(cache))
+    gcfg = guidance_config("lmc", bias="learned")
+    assert config_of(prior) is not None
+    x = jnp.zeros((1, RES, RES, 3))
+    _, hp = build_guidance(prior, gcfg)
+    assert hp.b_psi(x, jnp.array([500]), prior.embed_text([""])).shape == x.shape
+    monkeypatch.delenv(auto.CACHE_ENV)
+    run = ml_collections.ConfigDict({"prompt": "anything",
+                                     "prior": prior_config("gaussian", resolution=RES,
+                                                           cache_dir=str(cache))})
+    _, hp = build_guidance(prior, gcfg, run)
+    assert hp.b_psi is not None
+
+
+def test_bias_auto_false_is_the_old_error(prior):
+    gcfg = guidance_config("lmc", bias="learned", bias_auto=False)
+    with pytest.raises(UserError, match="bias_path=DIR.*bias_auto=False"):
+        build_guidance(prior, gcfg)

@@ -146,6 +146,19 @@ def _viewer_html(workdir: str, glb: str, no_mesh_reason: str) -> tuple[str, str]
     return section, scripts
 
 
+def write_viewer_page(workdir: str, path: str, glb: str = "mesh.glb") -> str:
+    """A page with the 3D view of `workdir/glb` alone, at the top left (for screenshots);
+    returns `path`."""
+    viewer, scripts = _viewer_html(workdir, glb, "")
+    viewer = viewer.split('<div class="meta">')[0]
+    page = ("<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>mesh</title>"
+            f"<style>{_CSS} body {{ margin: 0; }} #viewer {{ border: none; }}</style></head>"
+            f"<body>{viewer}{scripts}</body></html>\n")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)
+    return path
+
+
 def write_report(workdir: str, metrics: Mapping, config: Mapping | None = None,
                  title: str | None = None, glb: str = "mesh.glb") -> str:
     """Writes `workdir/report.html` for a run and returns its path.
@@ -221,11 +234,13 @@ def find_browser() -> str | None:
 
 
 def screenshot(page: str, png: str, size: tuple[int, int] = (800, 900),
-               wait_ms: int = 2000, timeout_s: float = 180.0) -> str:
+               wait_ms: int = 60000, timeout_s: float = 180.0) -> str:
     """Screenshots a local page with headless Chromium (WebGL on SwiftShader, no GPU needed).
 
-    `wait_ms` of virtual time lets the page's scripts run (the viewer loads the model) before
-    the shot. Returns `png`.
+    The shot is taken after `wait_ms` of the page's virtual time, which runs ahead whenever
+    the page is idle, so it costs little wall time; it must be long, as virtual time does not
+    wait for the viewer's off-thread decoding (at 2 s a 400 kB GLB was not shown yet, at 30 s
+    it was). Returns `png`.
 
     Raises:
       UserError: no browser, or the browser wrote no screenshot.
@@ -249,6 +264,25 @@ def screenshot(page: str, png: str, size: tuple[int, int] = (800, 900),
     if not os.path.exists(png):
         raise UserError(f"{browser} wrote no screenshot of {page} (exit {proc.returncode}): "
                         f"{proc.stderr.strip().splitlines()[-1:] or ''}")
+    return png
+
+
+def mesh_shot(workdir: str, png: str, glb: str = "mesh.glb") -> str:
+    """A [VIEWER_SIZE, VIEWER_SIZE] PNG of the 3D view of `workdir/glb` (headless Chromium).
+
+    The window is larger than the viewer (a viewer filling the window exactly kept Chromium's
+    virtual time from ever running out) and the shot is cropped to the viewer.
+    """
+    import tempfile
+
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        page = write_viewer_page(workdir, os.path.join(tmp, "viewer.html"), glb)
+        shot = screenshot(page, os.path.join(tmp, "shot.png"),
+                          size=(VIEWER_SIZE + 80, VIEWER_SIZE + 80))
+        with Image.open(shot) as im:
+            im.convert("RGB").crop((0, 0, VIEWER_SIZE, VIEWER_SIZE)).save(png)
     return png
 
 

@@ -169,7 +169,9 @@ def _int_env(name: str) -> int:
 def distributed_env() -> str | None:
     """The multi-process launcher this process runs under, or None (a single process).
 
-    Recognised: LMC_JAX_DISTRIBUTED=1 (forced; =0 disables), JAX_COORDINATOR_ADDRESS (explicit),
+    Recognised: LMC_JAX_DISTRIBUTED=1 (forced; =0 disables), JAX_COORDINATOR_ADDRESS (explicit,
+    with JAX_NUM_PROCESSES and JAX_PROCESS_ID where no cluster manager sets them, e.g. several
+    processes on one machine or hand-started hosts),
     Slurm with more than one task, Open MPI with more than one rank, and Cloud TPU / GKE
     multi-host slices (TPU_WORKER_HOSTNAMES with several hosts, or MEGASCALE_COORDINATOR_ADDRESS).
     A Cloud TPU VM pod slice launched with `gcloud ... --worker=all` sets none of these: launch
@@ -206,8 +208,12 @@ def maybe_initialize_distributed() -> bool:
     if env is None:
         return False
     logging.info("multi-process job detected (%s): jax.distributed.initialize()", env)
+    kwargs = {}
+    if os.environ.get("JAX_NUM_PROCESSES") and os.environ.get("JAX_PROCESS_ID"):
+        kwargs = {"num_processes": _int_env("JAX_NUM_PROCESSES"),
+                  "process_id": _int_env("JAX_PROCESS_ID")}
     try:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**kwargs)
     except (RuntimeError, ValueError) as e:
         raise UserError(f"jax.distributed.initialize() failed under {env} ({e}); on a single "
                         "host set LMC_JAX_DISTRIBUTED=0") from e

@@ -14,7 +14,8 @@ followed by the update `x <- x - lr * grad`.
   the Flax parameters with diffusers' own converter
   (`diffusers.models.modeling_pytorch_flax_utils.load_flax_weights_in_pytorch_model`, the
   in-memory half of `load_flax_checkpoint_in_pytorch_model`), the same text embeddings, and a
-  line-by-line port of `BiasNet` with the same weights; `torch.set_num_threads(2)`.
+  line-by-line port of `BiasNet` with the same weights; `torch.set_num_threads(2)`
+  (benchmarks/torch_reference.py).
   Before timing, every process checks that the torch UNet's eps and both steps' gradients match
   JAX (about 1e-4 relative: Flax's GEGLU uses tanh-GELU, docs/design.md section 5).
 
@@ -37,7 +38,7 @@ increase in a warm process is ~0). For JAX it also records XLA's compiled memory
 The JAX side needs the CPU malloc settings of `lmc_jax._runtime`: the script re-executes itself
 once with them (glibc reads them only at process start) and the workers inherit them; the output
 says whether they are active. PyTorch runs in the same processes, so under the same allocator.
-Needs torch: `pip install -e ".[bench]"`.
+Needs torch: `pip install -e ".[bench]"`. The table: benchmarks/step_time_report.py.
 """
 
 from __future__ import annotations
@@ -51,17 +52,16 @@ if __name__ == "__main__":
 
 import argparse
 import json
-import math
 import os
-import statistics
 import subprocess
 import tempfile
 import time
-import warnings
 from typing import Any
 
 import _timing  # benchmarks/_timing.py (this script's folder is on sys.path)
 import numpy as np
+from step_time_report import aggregate, report
+from torch_reference import TorchBiasNet, torch_guidance_step, torch_unet_from_flax
 
 from lmc_jax import _runtime, io
 
@@ -78,9 +78,6 @@ BIAS_PADDING = "REFLECT"  # configs/bias.py's default for latents
 BIAS_EPS = 1e-4  # BiasNet.eps
 MEMORY_PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
-# Targets (reported, not asserted).
-TARGET_JAX_SPEEDUP = {1: 1.2, 4: 1.0}  # torch/JAX at batch 1 and 4
-TARGET_LMC_OVER_SDS = 1.05
 
 
 def _log(msg: str) -> None:
@@ -100,7 +97,6 @@ class Setup:
         import torch
         from flax.traverse_util import flatten_dict
 
-        from lmc_jax import _compat
         from lmc_jax.bias import BiasNet
         from lmc_jax.priors.sd import TINY_UNET, tiny_sd_prior
 
@@ -123,29 +119,7 @@ class Setup:
             p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)])
 
         # torch UNet with the Flax weights, through diffusers' own converter.
-        d = _compat.diffusers()
-        from diffusers.models.modeling_pytorch_flax_utils import (
-            load_flax_weights_in_pytorch_model,
-        )
-
-        unet = d.UNet2DConditionModel(sample_size=h, **TINY_UNET).eval()
-        with torch.no_grad():  # NaN first: a weight the converter missed cannot go unnoticed
-            for v in unet.state_dict().values():
-                if v.is_floating_point():
-                    v.fill_(float("nan"))
-        flax_unet = jax.tree_util.tree_map(lambda a: np.array(a, np.float32),
-                                           self.prior.params["unet"])
-        with warnings.catch_warnings():  # the converter's torch.from_numpy on read-only arrays
-            warnings.simplefilter("ignore", UserWarning)
-            unet = load_flax_weights_in_pytorch_model(unet, flax_unet).eval()
-        unset = [k for k, v in unet.state_dict().items()
-                 if v.is_floating_point() and bool(torch.isnan(v).any())]
-        if unset:
-            raise RuntimeError(f"the converter left {len(unset)} torch weights unset: {unset[:3]}")
-        n_flax = sum(np.size(a) for a in jax.tree_util.tree_leaves(flax_unet))
-        n_torch = sum(v.numel() for v in unet.state_dict().values() if v.is_floating_point())
-        if n_flax != n_torch:  # a Flax weight the converter dropped
-            raise RuntimeError(f"Flax UNet has {n_flax} weights, the torch UNet {n_torch}")
+        unet = torch_unet_from_flax(self.prior.params["unet"], h, TINY_UNET)
         self.torch_unet = unet
         self.torch_bias = TorchBiasNet(flatten_dict(self.bias_params, sep="/"),
                                        BIAS_FEATURES, BIAS_PADDING, BIAS_EPS)
@@ -187,27 +161,8 @@ class Setup:
 
     def torch_step(self, method: str, x, t, eps, emb_c, emb_u):
         """The PyTorch eager step (NCHW), the same arithmetic as lmc_jax.guidance."""
-        import torch
-
-        with torch.no_grad():
-            abar = self.torch_abar[t].view(-1, 1, 1, 1)
-            a, s = abar.sqrt(), (1.0 - abar).sqrt()
-            x_t = a * x + s * eps
-            e = self.torch_unet(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                torch.cat([emb_c, emb_u])).sample
-            e_c, e_u = e.chunk(2)
-            wt = s * s  # W(t) = s_t^2 ('sigma2')
-            grad = wt * GUIDANCE_W * (e_c - e_u)
-            if method == "sds":
-                grad = grad + wt * (e_c - eps)
-            else:
-                x_hat = (x_t - s * e_c) / a
-                with torch.enable_grad():
-                    xr = x.detach().requires_grad_(True)
-                    b = self.torch_bias(xr, t)
-                    (g_lmc,) = torch.autograd.grad(b, xr, (wt * a / s) * (b.detach() - x_hat))
-                grad = grad + g_lmc
-            return x - LR * grad
+        return torch_guidance_step(self.torch_unet, self.torch_bias, self.torch_abar, method, x,
+                                   t, eps, emb_c, emb_u, w=GUIDANCE_W, lr=LR)
 
 
 def make_jax_step(method: str, bias_module: Any):
@@ -222,72 +177,11 @@ def make_jax_step(method: str, bias_module: Any):
     @jax.jit
     def step(prior, bias_params, x, t, eps, cond):
         bias_fn = bias_fn_from(bias_module, bias_params) if method == "lmc" else None
-        hp = GuidanceParams(w=GUIDANCE_W, weighting=WEIGHTING, bias_fn=bias_fn)
+        hp = GuidanceParams(w=GUIDANCE_W, weighting=WEIGHTING, b_psi=bias_fn)
         out = fn(prior, x, t, eps, cond, hp)
         return x - LR * out.grad, out.scalars
 
     return step
-
-
-class TorchBiasNet:
-    """`lmc_jax.bias.BiasNet(normalize=True, center=True, conditional=False)` in PyTorch, NCHW,
-    with the Flax weights (a flat {'conv_in/Conv_0/kernel': array, ...} dict)."""
-
-    def __init__(self, flat_params: dict[str, Any], features: int, padding: str, eps: float):
-        import torch
-
-        self.f, self.eps = features, eps
-        self.pad_mode = {"REFLECT": "reflect", "CIRCULAR": "circular", "SAME": "constant"}[padding]
-        self.p = {}
-        for k, v in flat_params.items():
-            v = np.array(v, np.float32)
-            if k.endswith("kernel"):  # conv HWIO -> OIHW; dense [in, out] -> [out, in]
-                v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T
-            self.p[k] = torch.from_numpy(np.ascontiguousarray(v))
-
-    def _conv(self, name: str, h):
-        import torch.nn.functional as F
-
-        h = F.pad(h, (1, 1, 1, 1), mode=self.pad_mode)
-        return F.conv2d(h, self.p[f"{name}/kernel"], self.p[f"{name}/bias"])
-
-    def _dense(self, name: str, h):
-        import torch.nn.functional as F
-
-        return F.linear(h, self.p[f"{name}/kernel"], self.p[f"{name}/bias"])
-
-    def _block(self, name: str, h, e):
-        import torch.nn.functional as F
-
-        h = self._conv(f"{name}/Conv3x3_0/Conv_0", h)
-        h = F.group_norm(h, math.gcd(8, h.shape[1]), self.p[f"{name}/GroupNorm_0/scale"],
-                         self.p[f"{name}/GroupNorm_0/bias"], eps=1e-5)
-        gamma, beta = self._dense(f"{name}/Dense_0", F.silu(e))[:, :, None, None].chunk(2, dim=1)
-        return F.silu(h * (1.0 + gamma) + beta)
-
-    def _global(self, name: str, h):
-        return h + self._dense(f"{name}/Dense_0", h.mean(dim=(2, 3)))[:, :, None, None]
-
-    def __call__(self, x, t):
-        import torch
-        import torch.nn.functional as F
-
-        half = self.f // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
-        args = t.float()[:, None] * freqs[None, :]
-        e = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        e = self._dense("time_mlp1", F.silu(self._dense("time_mlp0", e)))
-        mu = x.mean(dim=(2, 3), keepdim=True)
-        sd = (x.var(dim=(2, 3), unbiased=False, keepdim=True) + self.eps**2).sqrt()
-        h = self._conv("conv_in/Conv_0", (x - mu) / sd)
-        s0 = self._block("enc0", h, e)
-        s1 = self._block("enc1", F.avg_pool2d(s0, 2), e)
-        h = self._global("global_mid", self._block("mid0", F.avg_pool2d(s1, 2), e))
-        h = self._block("mid1", h, e)
-        h = self._block("dec1", F.interpolate(h, scale_factor=2, mode="nearest") + s1, e)
-        h = self._block("dec0", F.interpolate(h, scale_factor=2, mode="nearest") + s0, e)
-        r = self._conv("conv_out/Conv_0", self._global("global_out", h))
-        return x + sd * r
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -398,86 +292,6 @@ def _spawn(mode: str, args: argparse.Namespace, env: dict[str, str]) -> dict[str
             return json.load(f)
 
 
-# ----------------------------------------------------------------------------------------------
-# Aggregation and report.
-
-
-def aggregate(workers: list[dict[str, Any]], memory: dict[str, Any] | None) -> list[dict]:
-    """One row per (framework, method, batch): medians over processes and paired ratios."""
-    per: dict[tuple[str, str, int], list[float]] = {}
-    for w in workers:
-        for r in w["rows"]:
-            per.setdefault((r["framework"], r["method"], r["batch"]), []).append(r["median"])
-    mem = {(r["framework"], r["method"], r["batch"]): r for r in (memory or {}).get("rows", [])}
-    rows = []
-    for (fw, m, b), meds in per.items():
-        sds_meds = per[(fw, "sds", b)]
-        row = {
-            "framework": fw, "method": m, "batch": b,
-            "median_ms": statistics.median(meds), "process_medians_ms": meds,
-            # paired within each process, then the median over processes
-            "torch_over_this": statistics.median(
-                t / j for t, j in zip(per[("torch", m, b)], meds, strict=True)),
-            "over_sds": statistics.median(v / s for v, s in zip(meds, sds_meds, strict=True)),
-        }
-        if (fw, m, b) in mem:
-            row.update({k: v for k, v in mem[(fw, m, b)].items()
-                        if k not in ("framework", "method", "batch")})
-        rows.append(row)
-    rows.sort(key=lambda r: (r["batch"], METHODS.index(r["method"]), r["framework"]))
-    return rows
-
-
-def _fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def report(res: dict[str, Any]) -> None:
-    w0 = res["workers"][0]
-    print(f"device: {w0['device']}; jax {w0['jax']}, torch {w0['torch']} "
-          f"({w0['torch_threads']} threads)")
-    print(f"CPU malloc settings (JAX and torch, timing processes): {w0['fast_malloc']}")
-    print(f"load average before/after: {res['load_before']} / {res['load_after']}")
-    print(f"tiny SD UNet {w0['unet_params']:,} weights; b_psi BiasNet(features={BIAS_FEATURES}) "
-          f"{w0['bias_params']:,} weights; latents {'x'.join(map(str, w0['x_shape']))} (HxWxC)")
-    checks = {k: max(w["check"][k] for w in res["workers"]) for k in w0["check"]}
-    print("torch vs JAX, relative difference (max over processes): "
-          + ", ".join(f"{k} {v:.2e}" for k, v in checks.items()))
-    print(f"{len(res['workers'])} processes x {res['repeats']} alternating repeats per step; "
-          "median of per-process medians [range]; ratios paired per process")
-    mem_note = "peak RSS delta" if res.get("memory") else ""
-    print()
-    head = (f"{'framework':<9} | {'method':<6} | {'B':>2} | {'median ms':>9} | "
-            f"{'range ms':>13} | {'torch/this':>10} | {'vs SDS':>6} | {'peak MiB':>8} | "
-            f"{'XLA tmp MiB':>11}")
-    print(head)
-    print("-" * len(head))
-    for r in res["rows"]:
-        lo, hi = min(r["process_medians_ms"]), max(r["process_medians_ms"])
-        print(f"{r['framework']:<9} | {r['method']:<6} | {r['batch']:>2} | {r['median_ms']:>9.1f} |"
-              f" {f'{lo:.1f}-{hi:.1f}':>13} | {r['torch_over_this']:>10.2f} | "
-              f"{r['over_sds']:>6.3f} | {_fmt(r.get('peak_rss_delta_mib'), '8.1f'):>8} | "
-              f"{_fmt(r.get('xla_temp_mib'), '11.2f'):>11}")
-    print("\njax: lmc_jax's default (late-normalized attention); jax-dattn: the same step with "
-          "diffusers' own FlaxAttention (prior.attention='diffusers').")
-    if mem_note:
-        print(f"\npeak MiB: peak RSS increase during one warm step (VmHWM - VmRSS), measured in a "
-              f"separate process with {res['memory']['allocator']}; XLA tmp: the compiled "
-              "step's temporaries (memory_analysis).")
-    print("\ntargets (reported, not asserted):")
-    for r in res["rows"]:
-        if r["framework"] == "jax" and r["method"] == "sds" and r["batch"] in TARGET_JAX_SPEEDUP:
-            want = TARGET_JAX_SPEEDUP[r["batch"]]
-            print(f"  JAX SDS speed-up over torch eager at B={r['batch']}: "
-                  f"{r['torch_over_this']:.2f}x (target >= {want}x): "
-                  f"{'met' if r['torch_over_this'] >= want else 'NOT met'}")
-    for r in res["rows"]:
-        if r["framework"] == "jax" and r["method"] == "lmc":
-            print(f"  JAX LMC/SDS step at B={r['batch']}: {r['over_sds']:.3f} (target <= "
-                  f"{TARGET_LMC_OVER_SDS}): "
-                  f"{'met' if r['over_sds'] <= TARGET_LMC_OVER_SDS else 'NOT met'}")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, default=3, help="timing processes, in turn")
@@ -521,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         memory = _spawn("memory-probe", args, env)
     res.update(load_after=_timing.load_average(), workers=workers, memory=memory,
                rows=aggregate(workers, memory))
-    report(res)
+    report(res, BIAS_FEATURES)
     if args.json:
         print(f"\nwrote {io.write_json(args.json, res)}")
 

@@ -281,7 +281,7 @@ def optimise(prior, prompts: list[str], config, gcfg, seed: int, negative: str |
     """One synth optimisation of the 25-image batch; returns (raw images, seconds, extra)."""
     from lmc_jax.apps.optimize import make_optimizer, optimize_x
     from lmc_jax.guidance import Conditioning
-    from lmc_jax.guidance.from_config import build_guidance
+    from lmc_jax.guidance.from_config import build_guidance, guidance_record
 
     n = len(prompts)
     fn, hp = build_guidance(prior, gcfg)
@@ -296,7 +296,7 @@ def optimise(prior, prompts: list[str], config, gcfg, seed: int, negative: str |
             raise SystemExit("NFSD's negative prompt does not reach the guidance")
     start = time.time()
     x, _, scalars = optimize_x(
-        prior, x0, cond, fn, hp, gcfg, steps=config.steps,
+        prior, x0, cond, guidance_record(prior, gcfg, config.steps), steps=config.steps,
         optimizer=make_optimizer(config.optimizer, config.lr), key=k_noise,
         log_every=config.log_every, desc=f"{gcfg.method} w={gcfg.w} seed {seed}")
     images = np.asarray(prior.decode(x))

@@ -42,7 +42,7 @@ import optax
 from lmc_jax import io, parallel
 from lmc_jax.config import guidance_config, load_config
 from lmc_jax.guidance import Conditioning
-from lmc_jax.guidance.from_config import build_guidance
+from lmc_jax.guidance.from_config import guidance_record
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
 APPS = ("synth", "i2i", "t23d")
@@ -56,14 +56,12 @@ def _guidance(method: str, bias_dir: str):
 def synth_step(prior, method: str, batch: int, bias_dir: str) -> Callable[[], object]:
     from lmc_jax.apps.optimize import make_x_step
 
-    gcfg = _guidance(method, bias_dir)
-    fn, hp = build_guidance(prior, gcfg)
+    guide = guidance_record(prior, _guidance(method, bias_dir), 1000)
     cond = Conditioning(c=prior.embed_text([PROMPT] * batch), u=prior.embed_text([""] * batch))
     x = prior.encode(0.5 * jax.random.normal(jax.random.PRNGKey(1),
                                              (batch, *prior.image_shape)))
     opt = optax.adam(1e-2)
-    step = make_x_step(prior, cond, fn, hp, gcfg, steps=1000, optimizer=opt,
-                       key=jax.random.PRNGKey(2))
+    step = make_x_step(prior, cond, guide, optimizer=opt, key=jax.random.PRNGKey(2))
     opt_state, i = opt.init(x), jnp.asarray(7)
     return lambda: step(x, opt_state, i, prior.params)
 
@@ -75,11 +73,11 @@ def i2i_step(prior, method: str, batch: int, bias_dir: str) -> Callable[[], obje
     config.guidance = _guidance(method, bias_dir)
     config.batch = batch
     mesh = parallel.mesh_from_config(config)
-    fn, hp = build_guidance(prior, config.guidance)
+    guide = guidance_record(prior, config.guidance, config.steps)
     net = i2i.Translator(config.net.features, config.net.blocks)
     opt = optax.adam(config.lr)
     state = parallel.replicate(i2i.init_state(net, opt, prior.x_shape, config.seed), mesh)
-    step = i2i.make_step(net, prior, fn, hp, opt, config, mesh)
+    step = i2i.make_step(net, prior, guide, opt, config.identity_weight, mesh)
     x = jax.random.normal(jax.random.PRNGKey(1), (batch, *prior.x_shape))
     cond = parallel.shard_batch(i2i.conditioning(prior, PROMPT, batch), mesh)
     return lambda: step(state, x, cond)

@@ -49,7 +49,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.render = ml_collections.ConfigDict({
         "size": 64,  # renders are size x size, then resized to the prior's input
         "num_coarse": 64, "num_fine": 64, "scene_radius": 1.0,
-        "prior_input": "encode",  # encode: resize to the prior's image size (+ VAE encode)
     })
     c.camera = ml_collections.ConfigDict({
         "elevation_range": (-10.0, 80.0), "azimuth_range": (-180.0, 180.0),

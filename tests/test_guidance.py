@@ -74,7 +74,9 @@ def _tanh_bias(x, t, emb):
 def test_lmc_gradient_is_grad_of_l_lmc(prior, bias, xhat):
     x, t, eps, cond = _inputs(prior)
     bias_fn = prior.exact_bias if bias == "exact" else _tanh_bias
-    hp = GuidanceParams(w=2.0, bias_fn=bias_fn, lmc_xhat=xhat)
+    # The exact deficiency is named, not passed: the loss reads it from the prior it is given.
+    hp = (GuidanceParams(w=2.0, exact_deficiency=True, lmc_xhat=xhat) if bias == "exact"
+          else GuidanceParams(w=2.0, b_psi=bias_fn, lmc_xhat=xhat))
     out = guidance.lmc_sds(prior, x, t, eps, cond, hp)
     # x_hat is held fixed (stop-gradient) in L_lmc: compute it once, independently, from the
     # prompt's (cond) or the null (uncond) prediction; b sees the same embedding.
@@ -108,7 +110,7 @@ def test_lmc_projection_averages_to_zero_sds_to_high_pass_residual(single):
     t = jnp.full((n,), 300)
     eps = jax.random.normal(jax.random.PRNGKey(4), x.shape)
     cond = Conditioning(c=prior.embed_text([""] * n), u=prior.embed_text([""] * n))
-    hp = GuidanceParams(w=0.0, bias_fn=prior.exact_bias)
+    hp = GuidanceParams(w=0.0, exact_deficiency=True)
     g_lmc = guidance.lmc_sds(prior, x, t, eps, cond, hp).parts["L_lmc"]
     g_sds = guidance.sds(prior, x, t, eps, cond, hp).parts["L_proj"]
     a, s = (float(v[0]) for v in schedule.alpha_sigma(prior.alphas_cumprod, t[:1]))
@@ -223,7 +225,7 @@ def test_lmc_with_the_mixtures_own_b_is_csd_in_expectation_linear_b_is_not():
     csd = guidance.csd(prior, x, t, eps, cond, GuidanceParams(w=2.0)).grad.mean(0)
     for name, fn in [("post", post), ("lin", lin)]:
         g = guidance.lmc_sds(prior, x, t, eps, cond,
-                             GuidanceParams(w=2.0, bias_fn=fn, lmc_xhat="uncond")).grad
+                             GuidanceParams(w=2.0, b_psi=fn, lmc_xhat="uncond")).grad
         g = 0.5 * (g[: n // 2] + g[n // 2:])  # pair means are independent
         # Standard error of the mean over the guidance noise, widened for b_post's own Monte
         # Carlo error (2 * pairs draws, independent of the guidance noise; b_lin has none).
@@ -233,3 +235,56 @@ def test_lmc_with_the_mixtures_own_b_is_csd_in_expectation_linear_b_is_not():
             assert z.max() < 5.0, z.max()
         else:
             assert z.mean() > 8.0, z.mean()
+
+
+def test_the_record_is_built_once_from_the_config_and_carries_every_setting(prior):
+    """`guidance_record`: method, w, the exact deficiency by name, the t range with its
+    annealing over the run, fixed noise and NFSD's negative prompt, all static (no leaves)."""
+    from lmc_jax.config import guidance_config
+    from lmc_jax.guidance.from_config import guidance_record
+
+    gcfg = guidance_config("lmc", w=3.0, bias="exact")
+    gcfg.t_min, gcfg.t_max, gcfg.t_max_final, gcfg.t_anneal = 50, 900, 300, "linear"
+    gcfg.fixed_noise = True
+    guide = guidance_record(prior, gcfg, total_steps=40)
+    assert jax.tree_util.tree_leaves(guide) == []
+    assert guide.method == "lmc" and guide.params.w == 3.0 and guide.negative_prompt is None
+    assert guide.params.exact_deficiency and guide.params.b_psi is None
+    key = jax.random.PRNGKey(1)
+    t0, e0 = guide.draw(key, 0, 64, prior.x_shape)
+    t_end, e_end = guide.draw(key, 40, 64, prior.x_shape)
+    np.testing.assert_array_equal(e0, e_end)  # fixed noise: one eps per run
+    assert int(t0.min()) >= 50 and int(t0.max()) >= 300  # the full range at the start
+    assert int(t_end.max()) < 300  # annealed to t_max_final by the last step
+    nfsd = guidance_config("nfsd", w=7.5)
+    nfsd.negative_prompt = "green"
+    assert guidance_record(prior, nfsd).negative_prompt == "green"
+    with pytest.raises(UserError, match="guidance.t_min/t_max"):
+        guidance_record(prior, guidance_config("sds", t_min=900, t_max=100))
+
+
+def test_exact_deficiency_reads_the_prior_a_jitted_step_is_given(prior):
+    """With the prior's params a traced argument, the exact deficiency is computed from them
+    (not baked in as constants): the jitted step follows new params, and none of its jaxpr's
+    constants is one of the prior's arrays."""
+    from lmc_jax.guidance.record import Guidance
+
+    x, t, eps, cond = _inputs(prior)
+    guide = Guidance(method="lmc", params=GuidanceParams(w=2.0, exact_deficiency=True))
+
+    def step(params):
+        return guide(prior.replace(params=params), x, t, eps, cond).grad
+
+    other = jax.tree_util.tree_map(lambda a: a * 0.9, prior.params)
+    np.testing.assert_allclose(jax.jit(step)(other), step(other), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(jax.jit(step)(other), step(prior.params), atol=1e-4)
+    consts = jax.make_jaxpr(step)(prior.params).consts
+    leaves = jax.tree_util.tree_leaves(prior.params)
+    assert not any(np.shape(c) == np.shape(a) and np.array_equal(c, a)
+                   for c in consts for a in leaves)
+    # The old way, a bound method of the concrete prior, does bake them in: the check can fail.
+    baked = GuidanceParams(w=2.0, b_psi=prior.exact_bias)
+    consts = jax.make_jaxpr(lambda p: guidance.lmc_sds(prior.replace(params=p), x, t, eps, cond,
+                                                       baked).grad)(prior.params).consts
+    assert any(np.shape(c) == np.shape(a) and np.array_equal(c, a)
+               for c in consts for a in leaves)

@@ -91,7 +91,7 @@ def _worker(out_path: str) -> None:
     from lmc_jax.bias.model import bias_fn_from
     from lmc_jax.errors import UserError
     from lmc_jax.guidance import Conditioning
-    from lmc_jax.guidance.from_config import build_guidance
+    from lmc_jax.guidance.from_config import guidance_record
     from lmc_jax.priors import gaussian
     from lmc_jax.priors.factory import build_prior
 
@@ -159,12 +159,12 @@ def _worker(out_path: str) -> None:
         prior = prior0.replace(params=parallel.shard_params(prior0.params, mesh))
         if name == "4x2":
             res["synth_lam_spec"] = str(prior.params["lam"].sharding.spec)
-        fn, hp = build_guidance(prior, sc.guidance)
+        guide = guidance_record(prior, sc.guidance, 3)
         n = 8
         cond = Conditioning(c=prior.embed_text([sc.prompt] * n), u=prior.embed_text([""] * n))
         x0 = parallel.shard_batch(
             0.5 * jax.random.normal(jax.random.PRNGKey(3), (n, *prior.x_shape)), mesh)
-        x, _, _ = optimize_x(prior, x0, cond, fn, hp, sc.guidance, steps=3,
+        x, _, _ = optimize_x(prior, x0, cond, guide, steps=3,
                              optimizer=make_optimizer("sgd", sc.lr), key=jax.random.PRNGKey(4))
         xs[name] = x
         res[f"synth_x_devices_{name}"] = len(x.sharding.device_set)
@@ -179,12 +179,12 @@ def _worker(out_path: str) -> None:
     ic = _load_config("i2i", "mixture")
     ic.steps, ic.log_every, ic.eval_every, ic.checkpoint_every = 3, 1, 1000, 1000
     iprior = build_prior(ic.prior)
-    ifn, ihp = build_guidance(iprior, ic.guidance)
+    iguide = guidance_record(iprior, ic.guidance, ic.steps)
     inet = i2i.Translator(ic.net.features, ic.net.blocks)
     ip = {}
     for name in ("8", "1", "4x2"):
         wd = os.path.join(tmp, f"i2i-{name}")
-        ip[name] = i2i.train(ic, wd, inet, iprior, ifn, ihp, mesh=meshes[name])["state"].params
+        ip[name] = i2i.train(ic, wd, inet, iprior, iguide, mesh=meshes[name])["state"].params
     # Compared: f_theta's outputs on fixed images (raw params: Adam moves weights whose gradient
     # is rounding noise by ~lr, as for b_psi above).
     xi = 0.5 * jax.random.normal(jax.random.PRNGKey(6), (4, *iprior.x_shape))

@@ -14,9 +14,7 @@ outputs.
 
 from __future__ import annotations
 
-import logging
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +25,11 @@ from lmc_jax import io, parallel
 from lmc_jax.bias import train
 from lmc_jax.bias.model import BiasNet, bias_fn_from, param_count
 from lmc_jax.bias.store import save_bias
-from lmc_jax.checkpoint import Checkpointer, Preemption, TrainGuard
 from lmc_jax.config import require_positive
 from lmc_jax.data.sources import make_source
 from lmc_jax.errors import UserError
+from lmc_jax.loop import TrainLoop
 from lmc_jax.priors.factory import build_prior
-from lmc_jax.writer import MetricWriter
 
 EVAL_TIMESTEPS = list(range(50, 1000, 100))
 # Config keys that fix the architecture and shapes of the checkpointed b_psi.
@@ -93,40 +90,14 @@ def train_bias(config: ml_collections.ConfigDict, workdir: str, prior=None, quie
     lr = optax.warmup_cosine_decay_schedule(0.0, tc.lr, warmup, max(tc.steps, warmup + 1),
                                             tc.lr * 1e-2)
     opt = optax.adam(lr)
-    cfg_json = config.to_dict()
-    ckpt = Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
-    try:
-        ckpt.check_resume(cfg_json, FIXED_KEYS)
+    with TrainLoop(workdir, config, steps=tc.steps, fixed_keys=FIXED_KEYS, desc="train b_psi",
+                   hint="lower train.lr", quiet=quiet, show=lambda k: k == "loss") as loop:
         source = make_source(config.data, prior, tc.batch, config.seed, conditional, workdir)
         state = parallel.replicate(
             train.init_state(module, prior, opt, config.seed, source(0)[1]), mesh)
-        restored = ckpt.restore_latest(state, cfg_json, FIXED_KEYS)
-        if restored is not None:
-            state = restored[0]
-            logging.info("resumed from step %d", int(state.step))
-        step_fn = make_step(module, prior, opt, config, mesh)
-        start_step = int(state.step)
-        start = time.time()
-        writer = MetricWriter(workdir)
-        try:
-            with Preemption() as pre:
-                guard = TrainGuard(ckpt, pre, cfg_json, start_step, hint="lower train.lr")
-                bar = io.progress(range(start_step, tc.steps), initial=start_step,
-                                  total=tc.steps, desc="train b_psi", unit="step",
-                                  disable=quiet or not parallel.is_main_process())
-                for i in bar:
-                    x, emb = source(i)
-                    state, metrics = step_fn(state, x, emb)
-                    if (i + 1) % config.log_every == 0 or i + 1 == tc.steps:
-                        guard.check_metrics(i + 1, metrics)
-                        writer.write_scalars(i + 1, metrics)
-                        bar.set_postfix(loss=f"{float(metrics['loss']):.4g}")
-                    guard.end_of_step(i + 1, state, last=i + 1 == tc.steps)
-        finally:
-            writer.close()
-    finally:
-        ckpt.close()
-    return module, state.params, prior, time.time() - start
+        step = make_step(module, prior, opt, config, mesh)
+        res = loop.run(loop.restore(state), lambda state, i: step(state, *source(i)))
+    return module, res.state.params, prior, res.seconds
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -135,7 +106,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     out = os.path.join(workdir, "bias")
     metrics = {"train_seconds": seconds, "param_count": param_count(params),
                "steps": config.train.steps}
-    if prior.bias_fn is not None:  # exact prior: compare with the closed-form b on fresh samples
+    if prior.has_exact_bias:  # exact prior: compare with the closed-form b on fresh samples
         conditional = config.bias.target == "cond"
         data = config.data.copy_and_resolve_references()
         data.source = "prior"

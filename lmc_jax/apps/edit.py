@@ -23,7 +23,8 @@ from lmc_jax.apps.optimize import evaluator_scores, make_optimizer, optimize_x
 from lmc_jax.config import require_positive, require_prompt
 from lmc_jax.errors import UserError
 from lmc_jax.guidance import Conditioning
-from lmc_jax.guidance.from_config import build_guidance
+from lmc_jax.guidance.from_config import guidance_record
+from lmc_jax.metrics.class_colour import class_colour_figures
 from lmc_jax.priors.base import Prior
 from lmc_jax.priors.factory import build_prior
 from lmc_jax.writer import MetricWriter
@@ -32,7 +33,7 @@ from lmc_jax.writer import MetricWriter
 def load_source_image(path: str, prior: Prior, source_prompt: str, key: jax.Array) -> jax.Array:
     """The image to edit, [1, H, W, 3] in [-1, 1] at the prior's image size."""
     h = prior.image_shape[0]
-    if not path and prior.bias_fn is None:
+    if not path and not prior.has_exact_bias:
         from lmc_jax.data import shapes
         from lmc_jax.metrics.shapes_eval import parse_prompt
 
@@ -132,7 +133,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for method in methods:
         mcfg, opt, replaced = method_settings(config, method)
         try:
-            fn, hp = build_guidance(prior, mcfg)
+            guide = guidance_record(prior, mcfg, config.steps, config)
         except UserError as e:
             if not config.compare:
                 raise
@@ -143,7 +144,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 f"{k} {new} (shared: {old})" for k, (old, new) in replaced.items()))
         start = time.time()
         x, snaps, scalars = optimize_x(
-            prior, x_src, cond, fn, hp, mcfg, steps=config.steps,
+            prior, x_src, cond, guide, steps=config.steps,
             optimizer=make_optimizer(opt["optimizer"], opt["lr"]), key=k_noise,
             grad_scale=effective_grad_scale(opt, prior.x_shape), snapshot_steps=snapshot_steps,
             log_every=config.log_every, desc=f"edit {method}", writer=writer, tag=f"{method}/")
@@ -184,7 +185,7 @@ def image_metrics_keys(prior: Prior) -> list[str]:
     keys = ["colorfulness", "dist_to_source", "seconds_per_step"]
     if prior.name.startswith("embedded"):
         keys += ["eval_accuracy", "eval_r_precision"]
-    return sorted(keys + (["saturation", "target_acc"] if prior.bias_fn is not None else []))
+    return sorted(keys + (["saturation", "target_acc"] if prior.has_exact_bias else []))
 
 
 def image_metrics(final: np.ndarray, source: np.ndarray, prior: Prior, prompt: str) -> dict:
@@ -193,14 +194,9 @@ def image_metrics(final: np.ndarray, source: np.ndarray, prior: Prior, prompt: s
 
     out = {"dist_to_source": float(np.sqrt(np.mean((final - source) ** 2))),
            "colorfulness": float(np.mean(colorfulness(np.clip(final, -1, 1))))}
-    if prior.bias_fn is not None:  # exact mixture: class of the mean colour
-        mus = np.asarray(prior.params["mu"])
+    if prior.has_exact_bias:  # exact mixture: class of the mean colour
         target = int(np.argmax(np.asarray(prior.embed_text([prompt])[0])))
-        colour = final.mean(axis=(1, 2))
-        nearest = np.argmin(((colour[:, None] - mus[None]) ** 2).sum(-1), axis=1)
-        out["target_acc"] = float(np.mean(nearest == target))
-        out["saturation"] = float(np.mean(np.linalg.norm(colour, axis=-1))
-                                  / max(np.linalg.norm(mus[target]), 1e-8))
+        out.update(class_colour_figures(final, prior.params["mu"], target))
     return out
 
 

@@ -19,7 +19,6 @@ step's noise of `fold_in(key, step)`); SIGTERM/SIGINT save a checkpoint and exit
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -30,18 +29,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import struct
 
 from lmc_jax import io, parallel
-from lmc_jax.checkpoint import Checkpointer, Preemption, TrainGuard
 from lmc_jax.config import require_positive, require_prompt
 from lmc_jax.errors import UserError
-from lmc_jax.guidance import Conditioning, GuidanceParams, surrogate_loss
-from lmc_jax.guidance.common import rebind_exact_bias
-from lmc_jax.guidance.from_config import build_guidance, negative_prompt, noise_for_step
+from lmc_jax.guidance import Conditioning, Guidance, surrogate_loss
+from lmc_jax.guidance.from_config import guidance_record
+from lmc_jax.loop import Every, TrainLoop, TrainState, init_train_state
+from lmc_jax.metrics.class_colour import class_colour_figures
 from lmc_jax.priors.base import Prior
 from lmc_jax.priors.factory import build_prior
-from lmc_jax.writer import MetricWriter
+
+# Config keys that fix the shapes of the checkpointed f_theta: a resume must not change them.
+FIXED_KEYS = ("net.", "prior.name", "prior.resolution")
 
 
 class Translator(nn.Module):
@@ -59,20 +59,12 @@ class Translator(nn.Module):
         return x + nn.Conv(x.shape[-1], (3, 3), kernel_init=nn.initializers.zeros)(nn.silu(h))
 
 
-@struct.dataclass
-class I2IState:
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    key: jax.Array
-
-
 def make_data(config, prior: Prior, batch: int, seed: int, workdir: str):
     """`batch(step) -> x`: the training images in the prior's x space."""
     if config.data.source == "prior":
         from lmc_jax.priors import gaussian
 
-        if prior.bias_fn is None:
+        if not prior.has_exact_bias:
             raise UserError("data.source='prior' needs the exact Gaussian(-mixture) prior")
         label = None
         if config.source_prompt:
@@ -98,11 +90,11 @@ def init_params(net: Translator, x_shape: tuple[int, ...], seed: int) -> Any:
 
 
 def init_state(net: Translator, opt: optax.GradientTransformation, x_shape: tuple[int, ...],
-               seed: int) -> I2IState:
+               seed: int) -> TrainState:
     """The untrained state; the step's noise comes from the second of `seed`'s 3 keys."""
     params = init_params(net, x_shape, seed)
-    return I2IState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=opt.init(params),
-                    key=jax.random.split(jax.random.PRNGKey(seed), 3)[1])
+    return init_train_state(params, opt.init(params),
+                            jax.random.split(jax.random.PRNGKey(seed), 3)[1])
 
 
 def conditioning(prior: Prior, prompt: str, n: int, negative: str | None = None) -> Conditioning:
@@ -111,26 +103,22 @@ def conditioning(prior: Prior, prompt: str, n: int, negative: str | None = None)
                         neg=None if negative is None else prior.embed_text([negative] * n))
 
 
-def make_step(net: Translator, prior: Prior, fn: Callable, hp: GuidanceParams,
-              opt: optax.GradientTransformation, config: ml_collections.ConfigDict,
-              mesh: jax.sharding.Mesh):
+def make_step(net: Translator, prior: Prior, guide: Guidance, opt: optax.GradientTransformation,
+              identity_weight: float, mesh: jax.sharding.Mesh):
     """`step(state, x, cond) -> (state, metrics)` on `mesh`: `x` and `cond` split over `data`,
     the state replicated, the prior's params an argument of the compiled step (placed once)."""
-    gcfg = config.guidance
 
-    def step(state: I2IState, prior_params, x: jax.Array, cond: Conditioning):
+    def step(state: TrainState, prior_params, x: jax.Array, cond: Conditioning):
         pr = prior.replace(params=prior_params)
-        hp_ = rebind_exact_bias(hp, prior, pr)
         x, cond = parallel.constrain_batch((x, cond), mesh)
-        t, eps = noise_for_step(gcfg, state.key, state.step, x.shape[0], pr.x_shape,
-                                config.steps)
+        t, eps = guide.draw(state.key, state.step, x.shape[0], pr.x_shape)
         t, eps = parallel.constrain_batch((t, eps), mesh)
 
         def loss_fn(p):
             y = net.apply(p, x)
-            g = fn(pr, y, t, eps, cond, hp_)
+            g = guide(pr, y, t, eps, cond)
             ident = jnp.mean((y - x) ** 2)
-            return surrogate_loss(y, g.grad) / x.shape[0] + config.identity_weight * ident, {
+            return surrogate_loss(y, g.grad) / x.shape[0] + identity_weight * ident, {
                 **g.scalars, "identity": ident}
 
         grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -143,14 +131,14 @@ def make_step(net: Translator, prior: Prior, fn: Callable, hp: GuidanceParams,
     jitted = jax.jit(step, in_shardings=(rep, parallel.sharding_of(prior_params), data, data),
                      out_shardings=(rep, rep))
 
-    def step_fn(state: I2IState, x: jax.Array, cond: Conditioning):
+    def step_fn(state: TrainState, x: jax.Array, cond: Conditioning):
         return jitted(state, prior_params, parallel.shard_batch(x, mesh), cond)
 
     return step_fn
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, net: Translator, prior: Prior,
-          fn: Callable, hp: GuidanceParams, *, mesh: jax.sharding.Mesh | None = None,
+          guide: Guidance, *, mesh: jax.sharding.Mesh | None = None,
           on_eval: Callable[[int, Any], dict] | None = None) -> dict:
     """Trains (or resumes) f_theta on `mesh` (default: from the config).
 
@@ -161,45 +149,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, net: Translator, prio
     """
     mesh = mesh if mesh is not None else parallel.mesh_from_config(config)
     parallel.check_batch(config.batch, mesh, "batch")
-    train_data = make_data(config, prior, config.batch, config.seed, workdir)
-    opt = optax.adam(config.lr)
-    state = parallel.replicate(init_state(net, opt, prior.x_shape, config.seed), mesh)
-    cfg_json = config.to_dict()
-    ckpt = Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
-    metrics: dict = {}
-    try:
-        restored = ckpt.restore_latest(state)
-        if restored is not None:
-            state = restored[0]
-            logging.info("resumed from step %d", int(state.step))
-        start_state = state
-        step_fn = make_step(net, prior, fn, hp, opt, config, mesh)
-        cond = parallel.shard_batch(
-            conditioning(prior, require_prompt(config.prompt), config.batch,
-                         negative_prompt(config.guidance)), mesh)
-        writer = MetricWriter(workdir)
-        try:
-            with Preemption() as pre:
-                guard = TrainGuard(ckpt, pre, cfg_json, int(state.step), hint="lower lr")
-                bar = io.progress(range(int(state.step), config.steps), initial=int(state.step),
-                                  total=config.steps, desc="i2i", unit="step",
-                                  disable=not parallel.is_main_process())
-                for i in bar:
-                    state, metrics = step_fn(state, train_data(i), cond)
-                    done = i + 1
-                    if done % config.log_every == 0 or done == config.steps:
-                        guard.check_metrics(done, metrics)
-                        writer.write_scalars(done, metrics)
-                        bar.set_postfix({k: f"{float(v):.3g}" for k, v in metrics.items()})
-                    if on_eval is not None and (done % config.eval_every == 0
-                                                or done == config.steps):
-                        writer.write_scalars(done, on_eval(done, state.params))
-                    guard.end_of_step(done, state, last=done == config.steps)
-        finally:
-            writer.close()
-    finally:
-        ckpt.close()
-    return {"state": state, "start_state": start_state, "metrics": metrics}
+    with TrainLoop(workdir, config, steps=config.steps, fixed_keys=FIXED_KEYS, desc="i2i",
+                   hint="lower lr") as loop:
+        train_data = make_data(config, prior, config.batch, config.seed, workdir)
+        opt = optax.adam(config.lr)
+        state = parallel.replicate(init_state(net, opt, prior.x_shape, config.seed), mesh)
+        step = make_step(net, prior, guide, opt, config.identity_weight, mesh)
+        cond = parallel.shard_batch(conditioning(prior, require_prompt(config.prompt),
+                                                 config.batch, guide.negative_prompt), mesh)
+        every = [] if on_eval is None else [
+            Every(config.eval_every, lambda done, state: on_eval(done, state.params))]
+        res = loop.run(loop.restore(state), lambda state, i: step(state, train_data(i), cond),
+                       every)
+    return {"state": res.state, "start_state": res.start_state, "metrics": res.metrics}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -209,12 +171,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for k in ("steps", "batch", "heldout"):
         require_positive(config[k], k)
     prior = build_prior(config.prior)
-    gcfg = config.guidance
-    fn, hp = build_guidance(prior, gcfg)
+    guide = guidance_record(prior, config.guidance, config.steps, config)
     net = Translator(config.net.features, config.net.blocks)
     heldout = make_data(config, prior, config.heldout, config.seed + 99991, workdir)(0)
     k_eval = jax.random.split(jax.random.PRNGKey(config.seed), 3)[2]
-    cond_h = conditioning(prior, prompt, config.heldout, negative_prompt(gcfg))
+    cond_h = conditioning(prior, prompt, config.heldout, guide.negative_prompt)
+    draw_eval = guide.noise.replace(total_steps=1).draw
     main = parallel.is_main_process()
 
     @jax.jit
@@ -222,20 +184,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         y = net.apply(params, heldout)
         norms = []
         for i in range(4):  # a fixed set of (t, eps) draws
-            t, eps = noise_for_step(gcfg, k_eval, i, y.shape[0], prior.x_shape, 1)
-            g = fn(prior, y, t, eps, cond_h, hp)
+            t, eps = draw_eval(k_eval, i, y.shape[0], prior.x_shape)
+            g = guide(prior, y, t, eps, cond_h)
             norms.append(jnp.mean(jnp.sqrt(jnp.sum(g.parts["L_cond"] ** 2, axis=(1, 2, 3)))))
         return y, jnp.mean(jnp.stack(norms))
 
     def eval_metrics(params) -> tuple[dict, np.ndarray]:
         y, l_cond = parallel.to_host(evaluate(params))
         out = {"heldout_L_cond": float(l_cond)}
-        if prior.bias_fn is not None:
-            mus = np.asarray(prior.params["mu"])
+        if prior.has_exact_bias:  # the exact mixture: class of the mean colour
             target = int(np.argmax(np.asarray(cond_h.c[0])))
-            colour = y.mean(axis=(1, 2))
-            out["heldout_target_acc"] = float(np.mean(
-                np.argmin(((colour[:, None] - mus[None]) ** 2).sum(-1), axis=1) == target))
+            out["heldout_target_acc"] = class_colour_figures(y, prior.params["mu"],
+                                                             target)["target_acc"]
         return out, np.asarray(prior.decode(y))
 
     def on_eval(done: int, params) -> dict:
@@ -248,7 +208,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # The untrained network is the identity map: its figures are those of the inputs.
     before, _ = eval_metrics(init_params(net, prior.x_shape, config.seed))
-    res = train(config, workdir, net, prior, fn, hp, on_eval=on_eval)
+    res = train(config, workdir, net, prior, guide, on_eval=on_eval)
     first = eval_metrics(res["start_state"].params)[0]
     after, _ = eval_metrics(res["state"].params)
     result = {f"{k}_before": v for k, v in before.items()}

@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 
 from lmc_jax import io
-from lmc_jax.apps.testbed import descend, high_frequency_energy, learned_bias
+from lmc_jax.apps.testbed import descend, high_frequency_energy, learned_bias, record
 from lmc_jax.errors import UserError
 from lmc_jax.guidance import Conditioning, GuidanceParams
 from lmc_jax.priors import gaussian
@@ -155,9 +155,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       "lmc", w, biases[b], xh) for xh in xhats]
         for name, method, wv, bias, xhat in runs:
             t0 = time.time()
-            hp = GuidanceParams(w=wv, weighting=gcfg.weighting, bias_fn=bias, lmc_xhat=xhat)
-            x, _ = descend(prior, x0, cond, method, hp, gcfg, config.steps, config.lr, k_noise,
-                           [])
+            hp = GuidanceParams(w=wv, weighting=gcfg.weighting, b_psi=bias, lmc_xhat=xhat)
+            x, _ = descend(prior, x0, cond, record(method, hp, gcfg, config.steps),
+                           config.steps, config.lr, k_noise, [])
             m = result_metrics(prior, x, x0, labels, data_hf, mc.hf_cutoff)
             entry = {"setting": setting, "method": name, "w": wv, "seconds": time.time() - t0}
             for key_, v in m.items():

@@ -11,15 +11,12 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
 from lmc_jax import io
 from lmc_jax.errors import UserError
-from lmc_jax.guidance import Conditioning, GuidanceParams
-from lmc_jax.guidance.common import rebind_exact_bias
-from lmc_jax.guidance.from_config import noise_for_step
+from lmc_jax.guidance import Conditioning, Guidance
 from lmc_jax.priors.base import Prior
 
 
@@ -50,12 +47,12 @@ def make_optimizer(name: str, lr: float) -> optax.GradientTransformation:
     raise UserError(f"optimizer must be 'adam' or 'sgd', got {name!r}")
 
 
-def make_x_step(prior: Prior, cond: Conditioning, fn: Callable, hp: GuidanceParams,
-                gcfg: ml_collections.ConfigDict, *, steps: int,
+def make_x_step(prior: Prior, cond: Conditioning, guide: Guidance, *,
                 optimizer: optax.GradientTransformation, key: jax.Array,
                 grad_scale: float = 1.0) -> Callable:
     """The jitted step `(x, opt_state, i, prior_params) -> (x, opt_state, scalars)`: noise
-    and timesteps for step `i`, the guidance gradient, one optimizer update of `x` [B, ...].
+    and timesteps for step `i` (`guide.draw`), the guidance gradient, one optimizer update of
+    `x` [B, ...].
 
     The prior's params are an argument (placed by the caller, e.g. split over a mesh's 'model'
     axis), not constants baked into the compiled step (GBs for Stable Diffusion).
@@ -64,29 +61,27 @@ def make_x_step(prior: Prior, cond: Conditioning, fn: Callable, hp: GuidancePara
     @jax.jit
     def step(x, opt_state, i, prior_params):
         pr = prior.replace(params=prior_params)
-        hp_ = rebind_exact_bias(hp, prior, pr)
-        t, eps = noise_for_step(gcfg, key, i, x.shape[0], pr.x_shape, steps)
-        out = fn(pr, x, t, eps, cond, hp_)
+        t, eps = guide.draw(key, i, x.shape[0], pr.x_shape)
+        out = guide(pr, x, t, eps, cond)
         updates, opt_state = optimizer.update(grad_scale * out.grad, opt_state, x)
         return optax.apply_updates(x, updates), opt_state, out.scalars
 
     return step
 
 
-def optimize_x(prior: Prior, x0: jax.Array, cond: Conditioning, fn: Callable,
-               hp: GuidanceParams, gcfg: ml_collections.ConfigDict, *, steps: int,
+def optimize_x(prior: Prior, x0: jax.Array, cond: Conditioning, guide: Guidance, *, steps: int,
                optimizer: optax.GradientTransformation, key: jax.Array, grad_scale: float = 1.0,
                snapshot_steps: tuple[int, ...] = (), log_every: int = 0, desc: str = "optimize",
                writer=None, tag: str = "") -> tuple[jax.Array, list[np.ndarray], dict]:
     """Runs `steps` guidance steps on `x`; returns (x, decoded snapshots, last scalars).
 
-    Snapshots are decoded images (numpy) after the steps listed in `snapshot_steps` (0 = the
-    start). A non-finite gradient stops with a UserError. With a `writer` (MetricWriter), the
-    scalars are logged every `log_every` steps and the snapshots as images, names prefixed by
-    `tag`.
+    `guide`: the guidance record (its annealing over `guide.noise.total_steps`, normally
+    `steps`). Snapshots are decoded images (numpy) after the steps listed in `snapshot_steps`
+    (0 = the start). A non-finite gradient stops with a UserError. With a `writer`
+    (MetricWriter), the scalars are logged every `log_every` steps and the snapshots as images,
+    names prefixed by `tag`. The run keeps no checkpoints: it is short (a re-run starts over).
     """
-    step = make_x_step(prior, cond, fn, hp, gcfg, steps=steps, optimizer=optimizer, key=key,
-                       grad_scale=grad_scale)
+    step = make_x_step(prior, cond, guide, optimizer=optimizer, key=key, grad_scale=grad_scale)
     x, opt_state = x0, optimizer.init(x0)
     snaps = [np.asarray(prior.decode(x0))] if 0 in snapshot_steps else []
     scalars: dict = {}

@@ -23,7 +23,7 @@ from lmc_jax import io, parallel
 from lmc_jax.apps.optimize import evaluator_scores, make_optimizer, optimize_x
 from lmc_jax.config import require_positive, require_prompt
 from lmc_jax.guidance import Conditioning
-from lmc_jax.guidance.from_config import build_guidance
+from lmc_jax.guidance.from_config import guidance_record
 from lmc_jax.priors.factory import build_prior
 from lmc_jax.writer import MetricWriter
 
@@ -38,11 +38,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = parallel.mesh_from_config(config)
     parallel.check_batch(n, mesh, "batch")
     prior = prior.replace(params=parallel.shard_params(prior.params, mesh))
-    gcfg = config.guidance
-    fn, hp = build_guidance(prior, gcfg)
+    guide = guidance_record(prior, config.guidance, config.steps, config)
+    neg = guide.negative_prompt
     cond = Conditioning(c=prior.embed_text([prompt] * n), u=prior.embed_text([""] * n),
-                        neg=prior.embed_text([gcfg.negative_prompt] * n)
-                        if gcfg.method == "nfsd" else None)
+                        neg=None if neg is None else prior.embed_text([neg] * n))
     start = time.time()
     finals, metrics = [], {}
     writer = MetricWriter(workdir)  # writes on process 0 only
@@ -53,7 +52,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             images = 0.5 * jax.random.normal(k_init, images.shape)
         x0 = parallel.shard_batch(prior.encode(images), mesh)  # the images split over 'data'
         x, _, metrics = optimize_x(
-            prior, x0, cond, fn, hp, gcfg, steps=config.steps,
+            prior, x0, cond, guide, steps=config.steps,
             optimizer=make_optimizer(config.optimizer, config.lr), key=k_noise,
             log_every=config.log_every, desc=f"synth seed {config.seed + s}",
             snapshot_steps=(config.steps,), writer=writer, tag=f"seed{config.seed + s}/")

@@ -25,38 +25,27 @@ from __future__ import annotations
 
 import logging
 import os
-import time
+from collections import namedtuple
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import struct
 
 from lmc_jax import io, parallel
-from lmc_jax.checkpoint import Checkpointer, Preemption, TrainGuard
 from lmc_jax.config import require_positive, require_prompt
 from lmc_jax.errors import UserError
 from lmc_jax.guidance import Conditioning, surrogate_loss
-from lmc_jax.guidance.common import rebind_exact_bias
-from lmc_jax.guidance.from_config import build_guidance, negative_prompt, noise_for_step
+from lmc_jax.guidance.from_config import guidance_record
+from lmc_jax.guidance.record import Guidance
+from lmc_jax.loop import Every, TrainLoop, TrainState, init_train_state
 from lmc_jax.nerf import cameras, export, regularizers, shading
 from lmc_jax.nerf.field import BLOB_SHAPES, MLPField
 from lmc_jax.nerf.renderer import render_rays
 from lmc_jax.priors.base import Prior
 from lmc_jax.priors.factory import build_prior
-from lmc_jax.writer import MetricWriter
-
-
-@struct.dataclass
-class T23DState:
-    step: jax.Array
-    params: Any  # {"field": ..., "background": ...}
-    opt_state: Any
-    key: jax.Array
 
 
 def build_field(cfg: ml_collections.ConfigDict) -> MLPField:
@@ -74,8 +63,6 @@ def validate(config: ml_collections.ConfigDict, prior: Prior) -> str:
         raise UserError(f"render.size={size} does not fit prior {prior.name!r} (image size "
                         f"{img}): use a size between 8 and {img}"
                         + (f" that divides {img}" if prior.kind == "pixel" else ""))
-    if config.render.prior_input != "encode":
-        raise UserError(f"render.prior_input={config.render.prior_input!r}; only 'encode' exists")
     if config.field.blob_shape not in BLOB_SHAPES:
         raise UserError(f"field.blob_shape must be one of {list(BLOB_SHAPES)}, got "
                         f"{config.field.blob_shape!r}")
@@ -100,8 +87,17 @@ def to_prior_input(prior: Prior, images: jax.Array) -> jax.Array:
     return prior.encode(images)
 
 
-def make_step(config, prior: Prior, field: MLPField, background, opt, emb_views, emb_null,
-              mesh: jax.sharding.Mesh | None = None, emb_neg: jax.Array | None = None):
+def frozen(section: ml_collections.ConfigDict) -> tuple:
+    """A config section's values as an immutable named tuple (lists become tuples): what a
+    traced step reads instead of the ConfigDict."""
+    d = section.to_dict()
+    return namedtuple("Section", list(d))(*(tuple(v) if isinstance(v, list) else v
+                                            for v in d.values()))
+
+
+def make_step(config, prior: Prior, guide: Guidance, field: MLPField, background, opt,
+              emb_views, emb_null, mesh: jax.sharding.Mesh | None = None,
+              emb_neg: jax.Array | None = None):
     """The jitted train step `(state) -> (state, metrics)` on `mesh` (default: all devices).
 
     The views (cameras, rays, renders, x) are split over the mesh's `data` axis; the state
@@ -110,8 +106,7 @@ def make_step(config, prior: Prior, field: MLPField, background, opt, emb_views,
     `emb_neg` [1, ...]: NFSD's negative prompt (`consts["emb_neg"]`; None: NFSD uses `u`).
     """
     mesh = mesh if mesh is not None else parallel.mesh_from_config(config)
-    fn, hp = build_guidance(prior, config.guidance)
-    rc, cc, sc = config.render, config.camera, config.shading
+    rc, cc, sc, reg = (frozen(config[k]) for k in ("render", "camera", "shading", "reg"))
     b, size = config.batch, rc.size
     parallel.check_batch(b, mesh, "batch")
     split = lambda tree: parallel.constrain_batch(tree, mesh)  # noqa: E731
@@ -119,11 +114,10 @@ def make_step(config, prior: Prior, field: MLPField, background, opt, emb_views,
     def render_views(params, key, step):
         k_cam, k_shade, k_light, k_bg, k_ray = jax.random.split(key, 5)
         cams = split(cameras.sample_orbit_cameras(
-            k_cam, b, tuple(cc.elevation_range), tuple(cc.azimuth_range),
-            tuple(cc.distance_range), tuple(cc.fovy_range)))
+            k_cam, b, cc.elevation_range, cc.azimuth_range, cc.distance_range, cc.fovy_range))
         origins, directions, radii = split(
             cameras.generate_rays(cams["c2w"], cams["fovy"], size, size))
-        modes = shading.sample_shading_mode(k_shade, tuple(sc.probs), (b,))
+        modes = shading.sample_shading_mode(k_shade, sc.probs, (b,))
         light = shading.sample_light_position(k_light, cams["c2w"][:, :3, 3])
         if sc.background == "mlp":
             bg = background.apply(params["background"], directions)
@@ -145,28 +139,24 @@ def make_step(config, prior: Prior, field: MLPField, background, opt, emb_views,
 
     def loss_fn(params, consts, key, step):
         pr = prior.replace(params=consts["prior"])
-        # The exact deficiency is a method of the prior: bind it to the argument, not a constant.
-        hp_ = rebind_exact_bias(hp, prior, pr)
         k_render, k_noise = jax.random.split(key)
         out, directions, view = render_views(params, k_render, step)
         images = out["rgb"] * 2.0 - 1.0
         x = split(to_prior_input(pr, images))
-        t, eps = split(noise_for_step(config.guidance, k_noise, step, b, pr.x_shape,
-                                      config.steps))
+        t, eps = split(guide.draw(k_noise, step, b, pr.x_shape))
         batched = lambda e: jnp.broadcast_to(e, (b,) + e.shape[1:])  # noqa: E731
         neg = consts.get("emb_neg")
         cond = split(Conditioning(c=consts["emb_views"][view], u=batched(consts["emb_null"]),
                                   neg=None if neg is None else batched(neg)))
-        g = fn(pr, x, t, eps, cond, hp_)
+        g = guide(pr, x, t, eps, cond)
         l_orient = regularizers.orientation_loss(out["weights"], out["normals"], directions)
         l_opacity = regularizers.opacity_loss(out["acc"])
-        loss = (surrogate_loss(x, g.grad) + config.reg.orientation * l_orient
-                + config.reg.opacity * l_opacity)
+        loss = surrogate_loss(x, g.grad) + reg.orientation * l_orient + reg.opacity * l_opacity
         metrics = {**g.scalars, "L_orient": l_orient, "L_opacity": l_opacity,
                    "t_mean": jnp.mean(t.astype(jnp.float32))}
         return loss, metrics
 
-    def step_fn(state: T23DState, consts):
+    def step_fn(state: TrainState, consts):
         key = jax.random.fold_in(state.key, state.step)
         grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, consts, key, state.step)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
@@ -183,7 +173,7 @@ def make_step(config, prior: Prior, field: MLPField, background, opt, emb_views,
     jitted = jax.jit(step_fn, in_shardings=(rep, parallel.sharding_of(consts)),
                      out_shardings=(rep, rep))
 
-    def step(state: T23DState):
+    def step(state: TrainState, i: int | None = None):  # noqa: ARG001 - the loop's signature
         return jitted(state, consts)
 
     step.jitted, step.consts = jitted, consts  # `step.jitted.lower(state, step.consts)` (AOT)
@@ -234,18 +224,18 @@ EMPTY_OPAQUE_FRACTION = 0.01
 FIXED_KEYS = ("field.",)
 
 
-def init_state(config, field: MLPField, background, opt) -> T23DState:
+def init_state(config, field: MLPField, background, opt) -> TrainState:
+    """Step 0: params `{field, background}` and the run's key, from `config.seed`."""
     key = jax.random.PRNGKey(config.seed)
     k_field, k_bg, k_run = jax.random.split(key, 3)
     zeros = jnp.zeros((1, 3))
     params = {"field": field.init(k_field, zeros, zeros),
               "background": background.init(k_bg, zeros)}
-    return T23DState(step=jnp.asarray(0, jnp.int32), params=params,
-                     opt_state=opt.init(params), key=k_run)
+    return init_train_state(params, opt.init(params), k_run)
 
 
 def setup(config: ml_collections.ConfigDict, prior: Prior, prompt: str,
-          mesh: jax.sharding.Mesh) -> tuple[MLPField, T23DState, Callable]:
+          mesh: jax.sharding.Mesh) -> tuple[MLPField, TrainState, Callable]:
     """The field, its fresh state (replicated on `mesh`) and the jitted step toward `prompt`:
     what `train` runs, and what benchmarks/ time."""
     field = build_field(config.field)
@@ -253,9 +243,11 @@ def setup(config: ml_collections.ConfigDict, prior: Prior, prompt: str,
     opt = optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adam(config.lr))
     state = parallel.replicate(init_state(config, field, background, opt), mesh)
     emb_views = view_embeddings(prior, prompt, config.view_dependent_prompt)
-    neg = negative_prompt(config.guidance)
-    step = make_step(config, prior, field, background, opt, emb_views, prior.embed_text([""]),
-                     mesh, emb_neg=None if neg is None else prior.embed_text([neg]))
+    guide = guidance_record(prior, config.guidance, config.steps, config)
+    neg = guide.negative_prompt
+    step = make_step(config, prior, guide, field, background, opt, emb_views,
+                     prior.embed_text([""]), mesh,
+                     emb_neg=None if neg is None else prior.embed_text([neg]))
     return field, state, step
 
 
@@ -269,46 +261,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, prior: Prior | Non
     prompt = validate(config, prior)
     mesh = mesh if mesh is not None else parallel.mesh_from_config(config)
     parallel.check_batch(config.batch, mesh, "batch")
-    os.makedirs(workdir, exist_ok=True)
-    cfg_json = config.to_dict()
-    ckpt = Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
-    try:
-        ckpt.check_resume(cfg_json, FIXED_KEYS)
-        field, state, step_fn = setup(config, prior, prompt, mesh)
-        restored = ckpt.restore_latest(state, cfg_json, FIXED_KEYS)
-        if restored is not None:
-            state = restored[0]
-            logging.info("resumed from step %d", int(state.step))
-        start, start_step = time.time(), int(state.step)
-        metrics = {}
-        main = parallel.is_main_process()
-        writer = MetricWriter(workdir)
-        try:
-            with Preemption() as pre:
-                guard = TrainGuard(ckpt, pre, cfg_json, start_step, hint="lower lr or guidance.w")
-                bar = io.progress(range(start_step, config.steps), initial=start_step,
-                                  total=config.steps, desc="text-to-3D", unit="step",
-                                  disable=not main)
-                for i in bar:
-                    state, metrics = step_fn(state)
-                    done = i + 1
-                    if done % config.log_every == 0 or done == config.steps:
-                        guard.check_metrics(done, metrics)
-                        writer.write_scalars(done, metrics)
-                        bar.set_postfix({k: f"{float(v):.3g}" for k, v in metrics.items()
-                                         if k.endswith("grad_norm") or k.startswith("L_")})
-                    if main and (done % config.output.grid_every == 0 or done == config.steps):
-                        grid = io.grid([render_orbit(field, state.params, config, 4,
-                                                     config.render.size)])
-                        io.save_png(os.path.join(workdir, f"grid_{done:06d}.png"), grid, scale=2)
-                        writer.write_images(done, {"views": grid})
-                    guard.end_of_step(done, state, last=done == config.steps)
-        finally:
-            writer.close()
-    finally:
-        ckpt.close()
-    return {"field": field, "state": state, "metrics": metrics, "seconds": time.time() - start,
-            "start_step": start_step}
+    with TrainLoop(workdir, config, steps=config.steps, fixed_keys=FIXED_KEYS,
+                   desc="text-to-3D", hint="lower lr or guidance.w",
+                   show=lambda k: k.endswith("grad_norm") or k.startswith("L_")) as loop:
+        field, state, step = setup(config, prior, prompt, mesh)
+
+        def grid(done: int, state: TrainState) -> dict:
+            if not parallel.is_main_process():
+                return {}
+            views = io.grid([render_orbit(field, state.params, config, 4, config.render.size)])
+            io.save_png(os.path.join(workdir, f"grid_{done:06d}.png"), views, scale=2)
+            return {"views": views}
+
+        res = loop.run(loop.restore(state), step, every=[Every(config.output.grid_every, grid)])
+    return {"field": field, "state": res.state, "metrics": res.metrics, "seconds": res.seconds,
+            "start_step": res.start_step}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

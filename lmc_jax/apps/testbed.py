@@ -20,12 +20,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lmc_jax import guidance, io
+from lmc_jax import io
 from lmc_jax.bias import train as bias_train
 from lmc_jax.bias.model import bias_fn_from
 from lmc_jax.bias.store import load_bias
+from lmc_jax.checkpoint import all_finite
 from lmc_jax.errors import UserError
-from lmc_jax.guidance import Conditioning, GuidanceParams
+from lmc_jax.guidance import Conditioning, Guidance, GuidanceParams
+from lmc_jax.guidance.from_config import noise_spec
+from lmc_jax.metrics.class_colour import class_colour_figures
 from lmc_jax.priors import gaussian
 from lmc_jax.priors.base import Prior
 from lmc_jax.priors.factory import build_prior
@@ -41,20 +44,17 @@ def high_frequency_energy(x: jax.Array, mu: jax.Array, cutoff: float) -> jax.Arr
     return jnp.sum(jnp.abs(xf) ** 2 * mask[None, :, :, None], axis=(1, 2, 3))
 
 
-def descend(prior: Prior, x0: jax.Array, cond: Conditioning, method: str, hp: GuidanceParams,
-            gcfg: ml_collections.ConfigDict, steps: int, lr: float, key: jax.Array,
-            snapshot_steps: list[int]) -> tuple[jax.Array, list[np.ndarray]]:
-    """Runs `x <- x - lr * grad` for `steps` steps with guidance `method`; returns the final x
-    and the snapshots taken after the steps in `snapshot_steps` (0 = the start)."""
-    fn = guidance.METHODS[method]
+def descend(prior: Prior, x0: jax.Array, cond: Conditioning, guide: Guidance, steps: int,
+            lr: float, key: jax.Array, snapshot_steps: list[int]
+            ) -> tuple[jax.Array, list[np.ndarray]]:
+    """Runs `x <- x - lr * grad` for `steps` steps with the guidance record `guide`; returns the
+    final x and the snapshots taken after the steps in `snapshot_steps` (0 = the start). A
+    non-finite result stops with a UserError."""
 
     @jax.jit
     def step(x, i):
-        t, eps = guidance.sample_noise(
-            key, i, x.shape[0], prior.x_shape, fixed_noise=gcfg.fixed_noise, t_min=gcfg.t_min,
-            t_max=gcfg.t_max, t_max_final=gcfg.t_max_final, anneal=gcfg.t_anneal,
-            total_steps=steps)
-        return x - lr * fn(prior, x, t, eps, cond, hp).grad
+        t, eps = guide.draw(key, i, x.shape[0], prior.x_shape)
+        return x - lr * guide(prior, x, t, eps, cond).grad
 
     x = x0
     snaps = [np.asarray(x0)] if 0 in snapshot_steps else []
@@ -62,7 +62,16 @@ def descend(prior: Prior, x0: jax.Array, cond: Conditioning, method: str, hp: Gu
         x = step(x, jnp.asarray(i))
         if i + 1 in snapshot_steps:
             snaps.append(np.asarray(x))
+    if not all_finite(x):
+        raise UserError(f"{guide.method} diverged (non-finite x after {steps} steps); lower lr "
+                        "or guidance.w")
     return x, snaps
+
+
+def record(method: str, hp: GuidanceParams, gcfg: ml_collections.ConfigDict,
+           steps: int) -> Guidance:
+    """The guidance record of `method` with `hp` and the section's `(t, eps)` draw."""
+    return Guidance(method=method, params=hp, noise=noise_spec(gcfg, steps))
 
 
 def learned_bias(section: ml_collections.ConfigDict, prior: Prior, prior_cfg, seed: int,
@@ -107,8 +116,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     snapshot_steps = sorted({int(round(v)) for v in
                              np.linspace(0, config.steps, config.snapshots)})
     runs = {
-        "sds": ("sds", None),
-        "lmc_exact": ("lmc", prior.exact_bias),
+        "sds": ("sds", GuidanceParams(w=gcfg.w, weighting=gcfg.weighting)),
+        "lmc_exact": ("lmc", GuidanceParams(w=gcfg.w, weighting=gcfg.weighting,
+                                            exact_deficiency=True)),
     }
     metrics: dict = {}
     if config.learned.enabled:
@@ -124,14 +134,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         metrics["bias_rel_err_identity"] = float(np.mean(list(ident.values())))
         metrics["bias_rel_err_per_t"] = {str(k): v for k, v in per_t.items()}
         _plot_bias_error(os.path.join(workdir, "bias_error.png"), per_t, ident)
-        runs["lmc"] = ("lmc", bias_fn)
+        runs["lmc"] = ("lmc", GuidanceParams(w=gcfg.w, weighting=gcfg.weighting, b_psi=bias_fn))
     mu = prior.params["mu"][0]
     e0 = high_frequency_energy(x0, mu, config.hf_cutoff)
     strips = {}
-    for name, (method, bias_fn) in runs.items():
-        hp = GuidanceParams(w=gcfg.w, weighting=gcfg.weighting, bias_fn=bias_fn)
-        x_final, snaps = descend(prior, x0, cond, method, hp, gcfg, config.steps, config.lr,
-                                 k_noise, snapshot_steps)
+    for name, (method, hp) in runs.items():
+        x_final, snaps = descend(prior, x0, cond, record(method, hp, gcfg, config.steps),
+                                 config.steps, config.lr, k_noise, snapshot_steps)
         ratio = high_frequency_energy(x_final, mu, config.hf_cutoff) / e0
         metrics[f"hf_retention_{name}"] = float(jnp.mean(ratio))
         strips[name] = snaps
@@ -174,13 +183,11 @@ def run_mixture(config: ml_collections.ConfigDict, workdir: str, key: jax.Array)
     for name, method, w, fn in [("sds", "sds", mcfg.w_sds, None),
                                 ("lmc", "lmc", mcfg.w_lmc, bias_fn)]:
         # The mixture's b_psi is conditional (trained on x_hat from the class prompt).
-        hp = GuidanceParams(w=w, weighting=gcfg.weighting, bias_fn=fn, lmc_xhat="cond")
-        x, _ = descend(prior, x0, cond, method, hp, gcfg, config.steps, config.lr, k_noise, [])
-        colour = np.asarray(x).mean(axis=(1, 2))  # [n, 3]
-        nearest = np.argmin(((colour[:, None] - mus[None]) ** 2).sum(-1), axis=1)
-        out[f"target_acc_{name}"] = float(np.mean(nearest == labels))
-        out[f"saturation_{name}"] = float(np.mean(
-            np.linalg.norm(colour, axis=-1) / np.linalg.norm(mus[labels], axis=-1)))
+        hp = GuidanceParams(w=w, weighting=gcfg.weighting, b_psi=fn, lmc_xhat="cond")
+        x, _ = descend(prior, x0, cond, record(method, hp, gcfg, config.steps), config.steps,
+                       config.lr, k_noise, [])
+        for k_, v in class_colour_figures(np.asarray(x), mus, labels).items():
+            out[f"{k_}_{name}"] = v
         out[f"hf_energy_{name}"] = float(jnp.mean(high_frequency_energy(
             x, jnp.asarray(mus[labels])[:, None, None, :], config.hf_cutoff)))
         finals[name] = np.asarray(x)

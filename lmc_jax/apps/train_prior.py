@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -40,25 +38,16 @@ import numpy as np
 import optax
 
 from lmc_jax import io, parallel
-from lmc_jax.checkpoint import Checkpointer, Preemption, TrainGuard
 from lmc_jax.config import require_positive
 from lmc_jax.data import shapes
 from lmc_jax.errors import UserError
+from lmc_jax.loop import TrainState, init_train_state
+from lmc_jax.loop import train as train_loop
 from lmc_jax.priors import embedded
 from lmc_jax.priors.sampling import ddim_sample
-from lmc_jax.priors.sd import alphas_cumprod_from_config, make_sd_prior
-from lmc_jax.writer import MetricWriter
+from lmc_jax.priors.sd import PREDICTION_TYPES, alphas_cumprod_from_config, make_sd_prior
 
 FIXED_KEYS = ("seed", "data.", "batch", "prediction_type", "init_from")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-
-@flax.struct.dataclass
-class State:
-    step: jax.Array
-    params: Any
-    ema: Any
-    opt_state: Any
 
 
 def caption_table(tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +71,8 @@ def make_train_step(unet: Any, text_encoder: Any, opt: optax.GradientTransformat
                     alphas_cumprod: jax.Array, ema: float, cond_dropout: float,
                     prediction_type: str = "epsilon", mesh: jax.sharding.Mesh | None = None):
     """`step(state, key, images [B,H,W,3] in [-1,1], ids [B,L], null_ids [L]) -> (state, loss)`
-    on `mesh` (default: all devices): `images`, `ids` split over `data`, the rest replicated."""
+    on `mesh` (default: all devices): `images`, `ids` split over `data`, the rest replicated.
+    `state.extra` holds the EMA of the weights."""
     mesh = mesh if mesh is not None else parallel.make_mesh()
 
     def loss_fn(params, key, images, ids, null_ids):
@@ -102,7 +92,7 @@ def make_train_step(unet: Any, text_encoder: Any, opt: optax.GradientTransformat
                          emb).sample
         return jnp.mean((jnp.transpose(out, (0, 2, 3, 1)) - target) ** 2)
 
-    def step(state: State, key, images, ids, null_ids):
+    def step(state: TrainState, key, images, ids, null_ids):
         images, ids = parallel.constrain_batch((images, ids), mesh)
         loss, grads = jax.value_and_grad(loss_fn)(state.params, key, images, ids, null_ids)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
@@ -110,13 +100,14 @@ def make_train_step(unet: Any, text_encoder: Any, opt: optax.GradientTransformat
         # EMA with warm-up: decay min(ema, (1 + n) / (10 + n)).
         n = state.step.astype(jnp.float32)
         d = jnp.minimum(ema, (1.0 + n) / (10.0 + n))
-        new_ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state.ema, params)
-        return State(state.step + 1, params, new_ema, opt_state), {"loss": loss}
+        new_ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state.extra, params)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                             extra=new_ema), {"loss": loss}
 
     rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     jitted = jax.jit(step, in_shardings=(rep, rep, data, data, rep), out_shardings=(rep, rep))
 
-    def step_fn(state: State, key, images, ids, null_ids):
+    def step_fn(state: TrainState, key, images, ids, null_ids):
         images, ids = parallel.shard_batch((images, ids), mesh)
         return jitted(state, key, images, ids, null_ids)
 
@@ -196,49 +187,25 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                                             config.lr * 0.05)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.0))
     params = initial_params(config, unet, text_encoder)
-    state = parallel.replicate(State(jnp.zeros((), jnp.int32), params, params, opt.init(params)),
-                               mesh)
-    cfg_json = config.to_dict()
-    ckpt = Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
+    state = parallel.replicate(init_train_state(params, opt.init(params), extra=params), mesh)
     key = jax.random.PRNGKey(config.seed)
     step_fn = make_train_step(unet, text_encoder, opt, alphas_cumprod, config.ema,
                               config.cond_dropout, config.prediction_type, mesh)
     indices = shapes.epoch_indices(n, config.batch, config.seed)
     table_j, null_j = jnp.asarray(table), parallel.replicate(jnp.asarray(null_ids), mesh)
-    losses = []
-    try:
-        ckpt.check_resume(cfg_json, FIXED_KEYS)
-        restored = ckpt.restore_latest(state, cfg_json, FIXED_KEYS)
-        if restored is not None:
-            state = restored[0]
-            logging.info("resumed from step %d", int(state.step))
-        start_step, start = int(state.step), time.time()
-        writer = MetricWriter(workdir)
-        try:
-            with Preemption() as pre:
-                guard = TrainGuard(ckpt, pre, cfg_json, start_step, hint="lower lr")
-                bar = io.progress(range(start_step, config.steps), initial=start_step,
-                                  total=config.steps, desc="train prior", unit="step",
-                                  disable=not parallel.is_main_process())
-                for i in bar:
-                    idx = indices(i)
-                    k_step = jax.random.fold_in(key, i)
-                    variant = jax.random.randint(jax.random.fold_in(k_step, 7), (len(idx),), 0,
-                                                 table.shape[1])
-                    ids = table_j[jnp.asarray(labels[idx]), variant]
-                    state, metrics = step_fn(state, k_step, images[idx], ids, null_j)
-                    if (i + 1) % config.log_every == 0 or i + 1 == config.steps:
-                        guard.check_metrics(i + 1, metrics)
-                        writer.write_scalars(i + 1, metrics)
-                        losses.append(float(metrics["loss"]))
-                        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                    guard.end_of_step(i + 1, state, last=i + 1 == config.steps)
-        finally:
-            writer.close()
-    finally:
-        ckpt.close()
-    return {"state": state, "losses": losses, "seconds": time.time() - start, "unet": unet,
-            "text_encoder": text_encoder, "tokenizer": tokenizer}
+
+    def step(state: TrainState, i: int):
+        idx = indices(i)
+        k_step = jax.random.fold_in(key, i)
+        variant = jax.random.randint(jax.random.fold_in(k_step, 7), (len(idx),), 0, table.shape[1])
+        ids = table_j[jnp.asarray(labels[idx]), variant]
+        return step_fn(state, k_step, images[idx], ids, null_j)
+
+    res = train_loop(workdir, config, state, step, steps=config.steps, fixed_keys=FIXED_KEYS,
+                     desc="train prior", hint="lower lr")
+    return {"state": res.state, "losses": [m["loss"] for m in res.logged],
+            "seconds": res.seconds, "unet": unet, "text_encoder": text_encoder,
+            "tokenizer": tokenizer}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -247,7 +214,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, losses, seconds = res["state"], res["losses"], res["seconds"]
     unet, text_encoder, tokenizer = res["unet"], res["text_encoder"], res["tokenizer"]
 
-    host = parallel.to_host(state.ema)
+    host = parallel.to_host(state.extra)  # the EMA weights
     prior = make_sd_prior(unet, None, text_encoder, tokenizer, host,
                           embedded.scheduler_config(config.prediction_type),
                           name="embedded(trained)")

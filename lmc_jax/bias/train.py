@@ -11,37 +11,25 @@ an unbiased estimate of `E_eps[x_hat]` with less variance (two denoiser calls pe
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
 
 from lmc_jax import schedule
 from lmc_jax.bias.model import BiasNet
+from lmc_jax.loop import TrainState, init_train_state
 from lmc_jax.priors import gaussian
 from lmc_jax.priors.base import Prior, x_hat_from_eps
 
 
-@struct.dataclass
-class BiasState:
-    """Everything a bias-training run checkpoints."""
-
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    key: jax.Array
-
-
 def init_state(module: BiasNet, prior: Prior, opt: optax.GradientTransformation, seed: int,
-               emb_example: jax.Array) -> BiasState:
+               emb_example: jax.Array) -> TrainState:
     key = jax.random.PRNGKey(seed)
     k_init, k_run = jax.random.split(key)
     x = jnp.zeros((1, *prior.x_shape))
     params = module.init(k_init, x, jnp.zeros((1,), jnp.int32), emb_example[:1])["params"]
-    return BiasState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=opt.init(params),
-                     key=k_run)
+    return init_train_state(params, opt.init(params), k_run)
 
 
 def deficiency_target(prior: Prior, x: jax.Array, t: jax.Array, eps: jax.Array, emb: jax.Array,
@@ -65,7 +53,7 @@ def deficiency_target(prior: Prior, x: jax.Array, t: jax.Array, eps: jax.Array, 
 def make_train_step(module: BiasNet, prior: Prior, opt: optax.GradientTransformation, *,
                     t_min: int = 0, t_max: int = 1000, antithetic: bool = False,
                     loss_weight: str = "uniform", rel_floor: float = 1e-3,
-                    ) -> Callable[[BiasState, jax.Array, jax.Array], tuple[BiasState, dict]]:
+                    ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
     """Returns a jitted `step(state, x, emb) -> (state, metrics)`.
 
     `emb` is the denoiser conditioning used for the target and (for a conditional module) the
@@ -90,7 +78,7 @@ def make_train_step(module: BiasNet, prior: Prior, opt: optax.GradientTransforma
         return jnp.mean(err / jax.lax.stop_gradient(energy))
 
     @jax.jit
-    def step(state: BiasState, x: jax.Array, emb: jax.Array) -> tuple[BiasState, dict]:
+    def step(state: TrainState, x: jax.Array, emb: jax.Array) -> tuple[TrainState, dict]:
         k_t, k_eps = jax.random.split(jax.random.fold_in(state.key, state.step))
         t = jax.random.randint(k_t, (x.shape[0],), t_min, t_max)
         eps = jax.random.normal(k_eps, x.shape)

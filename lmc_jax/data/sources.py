@@ -35,7 +35,7 @@ def make_source(cfg: ml_collections.ConfigDict, prior: Prior, batch: int, seed: 
     key = jax.random.PRNGKey(seed + 1)
     null = prior.embed_text([""])
     if cfg.source == "prior":
-        if prior.bias_fn is None:
+        if not prior.has_exact_bias:
             raise UserError("data.source='prior' needs an exact prior (prior.name='gaussian' or "
                             "'gaussian_mixture')")
         k = prior.params["mu"].shape[0]

@@ -49,16 +49,32 @@ class GuidanceParams:
 
     w: guidance weight in the paper's convention (diffusers' guidance_scale minus 1).
     weighting: name of `W(t)` in `lmc_jax.schedule.WEIGHTINGS`.
-    bias_fn: `b(x, t, emb)` for LMC-SDS: the exact deficiency or a trained `b_psi`.
+    b_psi: LMC-SDS's frozen deficiency model `b_psi(x, t, emb)` (a trained `BiasNet`, or any
+      fixed stand-in such as the Gaussian prior's linear model), or None.
+    exact_deficiency: LMC-SDS uses the prior's closed-form deficiency `prior.exact_bias` (the
+      exact Gaussian priors) instead of `b_psi`, read from the prior the loss is called with, so
+      a step whose prior params are traced arguments never bakes them in as constants.
     nfsd_threshold: NFSD uses `e_u` below this timestep and `e_u - e_neg` above.
     lmc_xhat: LMC-SDS's `x_hat` (and `b`'s embedding): 'cond' (from `e_c`) or 'uncond' (`e_u`).
     """
 
     w: float = struct.field(pytree_node=False, default=7.5)
     weighting: str = struct.field(pytree_node=False, default="sigma2")
-    bias_fn: BiasFn | None = struct.field(pytree_node=False, default=None)
+    b_psi: BiasFn | None = struct.field(pytree_node=False, default=None)
+    exact_deficiency: bool = struct.field(pytree_node=False, default=False)
     nfsd_threshold: int = struct.field(pytree_node=False, default=200)
     lmc_xhat: str = struct.field(pytree_node=False, default="uncond")
+
+    @property
+    def has_deficiency(self) -> bool:
+        """Whether LMC-SDS has a `b` to call (closed form or `b_psi`)."""
+        return self.exact_deficiency or self.b_psi is not None
+
+    def deficiency(self, prior: Prior, x: jax.Array, t: jax.Array, emb: jax.Array) -> jax.Array:
+        """`b(x, t) ~ E_eps[x_hat]`: the prior's closed form or the frozen `b_psi`."""
+        if self.exact_deficiency:
+            return prior.exact_bias(x, t, emb)
+        return self.b_psi(x, t, emb)
 
 
 @struct.dataclass
@@ -145,13 +161,3 @@ def sample_noise(key: jax.Array, step: jax.Array, batch: int, x_shape: tuple[int
         eps = jax.random.normal(k_eps, (batch, *x_shape))
         t = schedule.sample_timesteps(k_t, batch, t_min, hi)
     return t, eps
-
-
-
-def rebind_exact_bias(hp: GuidanceParams, old: Prior, new: Prior) -> GuidanceParams:
-    """`hp` with `bias_fn` moved from `old.exact_bias` to `new.exact_bias`.
-
-    Jitted steps take the prior's params as an argument (`new` = `old` with traced params);
-    an exact-bias `bias_fn` bound to `old` would bake `old`'s params in as constants.
-    """
-    return hp.replace(bias_fn=new.exact_bias) if hp.bias_fn == old.exact_bias else hp

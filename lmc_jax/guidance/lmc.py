@@ -58,10 +58,11 @@ def lmc_sds(prior: Prior, x: jax.Array, t: jax.Array, eps: jax.Array, cond: Cond
             hp: GuidanceParams) -> GuidanceOutput:
     """LMC-SDS gradient: `L_cond + W(t)(a/s) J_b(x)^T (b(x, t) - x_hat)`.
 
-    `x_hat` comes from `e_c` (`hp.lmc_xhat='cond'`) or `e_u` ('uncond'); `hp.bias_fn(x, t,
-    emb)` is `b`, called with the matching embedding.
+    `x_hat` comes from `e_c` (`hp.lmc_xhat='cond'`) or `e_u` ('uncond'); `b` is
+    `hp.deficiency(prior, x, t, emb)` (closed form or `b_psi`), called with the matching
+    embedding.
     """
-    if hp.bias_fn is None:
+    if not hp.has_deficiency:
         raise UserError("LMC-SDS needs a bias model b(x, t): set guidance.bias_path to a trained "
                         "b_psi, or guidance.bias='exact' with the Gaussian prior")
     x_t, (e_c, e_u) = denoise(prior, x, t, eps, [cond.c, cond.u])
@@ -70,7 +71,7 @@ def lmc_sds(prior: Prior, x: jax.Array, t: jax.Array, eps: jax.Array, cond: Cond
     a, s = schedule.alpha_sigma(prior.alphas_cumprod, t)
     wt = weight(prior, t, hp, x)
     wt_a_over_s = wt * schedule.bcast(a / s, x)
-    b, vjp = jax.vjp(lambda z: hp.bias_fn(z, t, emb_ref), x)
+    b, vjp = jax.vjp(lambda z: hp.deficiency(prior, z, t, emb_ref), x)
     (g_lmc,) = vjp(wt_a_over_s * (b - xh))
     loss = lmc_loss(b, xh, wt_a_over_s)
     return finish({"L_cond": wt * hp.w * (e_c - e_u), "L_lmc": g_lmc},

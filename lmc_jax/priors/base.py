@@ -54,6 +54,11 @@ class Prior:
     name: str = struct.field(pytree_node=False, default="prior")
 
     @property
+    def has_exact_bias(self) -> bool:
+        """Whether the deficiency `b(x, t)` is known in closed form (the Gaussian priors)."""
+        return self.bias_fn is not None
+
+    @property
     def num_timesteps(self) -> int:
         return int(self.alphas_cumprod.shape[0])
 

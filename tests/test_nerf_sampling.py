@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmc_jax.nerf import render, sampling
+from lmc_jax.nerf import sampling, volume
 
 intersect = jax.jit(sampling.intersect_sphere)
 stratified = jax.jit(sampling.sample_stratified, static_argnums=(3, 4))
@@ -40,7 +40,7 @@ def test_offset_tangent_and_missing_rays():
     def go(origins, dirs):
         near, far, hit = sampling.intersect_sphere(origins, dirs, radius)
         t = sampling.sample_stratified(jax.random.PRNGKey(0), near, far, 8)
-        out = render.volume_render(jnp.full((5, 8), 50.0), jnp.ones((5, 8, 3)), t, dirs)
+        out = volume.volume_render(jnp.full((5, 8), 50.0), jnp.ones((5, 8, 3)), t, dirs)
         return near, far, hit, out
 
     near, far, hit, out = jax.tree_util.tree_map(np.asarray, go(origins, dirs))

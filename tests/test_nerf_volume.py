@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmc_jax.nerf import render
+from lmc_jax.nerf import volume
 
-weights_fn = jax.jit(render.compute_alpha_weights)
-volume_render = jax.jit(render.volume_render)
+weights_fn = jax.jit(volume.compute_alpha_weights)
+volume_render = jax.jit(volume.volume_render)
 
 
 def test_constant_density_weights_match_closed_form():
@@ -59,7 +59,7 @@ def test_background_composite():
 
 
 def test_batched_shapes():
-    out = jax.eval_shape(render.volume_render, jnp.ones((2, 5, 7, 16)),
+    out = jax.eval_shape(volume.volume_render, jnp.ones((2, 5, 7, 16)),
                          jnp.ones((2, 5, 7, 16, 3)), jnp.ones((2, 5, 7, 17)),
                          jnp.ones((2, 5, 7, 3)), jnp.zeros(3))
     assert out["rgb"].shape == (2, 5, 7, 3)

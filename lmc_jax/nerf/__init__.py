@@ -4,7 +4,7 @@
 - `sampling`: ray/scene-sphere intersection, stratified and importance (coarse-to-fine) samples.
 - `field`: the MLP field (density with DreamFusion's blob, albedo).
 - `cameras`: random orbit cameras (OpenGL, z-up world), rays and radii, view prompt suffixes.
-- `render`: the volume-rendering equation.
+- `volume`: the volume-rendering equation (weights, composites).
 - `renderer`: `render_rays`, the pieces above wired into a coarse-to-fine render of a field.
 - `shading`: density-gradient normals, albedo/lambertian/textureless shading, backgrounds.
 - `regularizers`: orientation and opacity losses.
@@ -46,7 +46,6 @@ from lmc_jax.nerf.ipe import (
     pos_enc,
 )
 from lmc_jax.nerf.regularizers import opacity_entropy_loss, opacity_loss, orientation_loss
-from lmc_jax.nerf.render import composite, compute_alpha_weights, volume_render
 from lmc_jax.nerf.renderer import render_rays
 from lmc_jax.nerf.sampling import (
     blur_weights,
@@ -68,6 +67,7 @@ from lmc_jax.nerf.shading import (
     shade,
     value_and_position_gradient,
 )
+from lmc_jax.nerf.volume import composite, compute_alpha_weights, volume_render
 
 __all__ = [
     "VIEW_SUFFIXES",

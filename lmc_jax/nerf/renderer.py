@@ -6,7 +6,7 @@
     t_fine      = resample_along_rays(t_coarse, w_coarse, N_f)         (stop_gradient)
     sigma, rho, n = field_with_normals(IPE Gaussians of t_fine)
     c_i         = shade(rho_i, n_i, l_i, mode)
-    C           = sum_i w_i c_i + (1 - acc) bg                           (render.py)
+    C           = sum_i w_i c_i + (1 - acc) bg                           (volume.py)
 
 One MLP serves both passes (as in mip-NeRF). Only the fine pass is differentiated: the coarse
 pass only places the fine samples, which is all score distillation needs.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lmc_jax.nerf import ipe, render, sampling, shading
+from lmc_jax.nerf import ipe, sampling, shading, volume
 
 
 def render_rays(field, params, key, origins, directions, radii, *, scene_radius=1.0,
@@ -57,7 +57,7 @@ def render_rays(field, params, key, origins, directions, radii, *, scene_radius=
     if num_fine > 0:
         means, covs = ipe.conical_frustum_to_gaussian(origins, directions, t_edges, radii)
         density, _ = field.apply(jax.lax.stop_gradient(params), means, covs)
-        w_coarse, _, _ = render.compute_alpha_weights(density, t_edges, directions)
+        w_coarse, _, _ = volume.compute_alpha_weights(density, t_edges, directions)
         t_edges = sampling.resample_along_rays(k_fine, t_edges, w_coarse, num_fine, randomized)
 
     means, covs = ipe.conical_frustum_to_gaussian(origins, directions, t_edges, radii)
@@ -73,7 +73,7 @@ def render_rays(field, params, key, origins, directions, radii, *, scene_radius=
     else:
         density, albedo = field.apply(params, means, covs)
         rgb = albedo
-    result = render.volume_render(density, rgb, t_edges, directions, background)
+    result = volume.volume_render(density, rgb, t_edges, directions, background)
     out.update(result)
     out["albedo"] = albedo
     if compute_normals:

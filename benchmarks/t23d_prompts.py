@@ -13,9 +13,12 @@ the evaluator made of the bare background, and each method's summary counts its 
 
 Methods: 'lmc' (LMC-SDS at w = 7.5 with the shipped b_psi, the preset) and 'sds' (SDS at
 w = 100, its usual high guidance). Prints one row per prompt and method and the means, and
-writes everything as JSON; `--figure` stacks every run's views.png (6 orbit views) into one
-labelled image (docs/t23d_tiny_views.png). Cost: about (steps x seconds per step) per run on
-2 CPU cores.
+writes everything as JSON. Every run writes a textured mesh.glb (`lmc_jax.nerf.export`) and a
+report.html; a run whose views show an object (not an empty scene) but wrote no GLB with faces
+is counted as a missing mesh. `--figure` stacks, per run, its label, views.png (6 orbit
+views) and a headless-Chromium shot of its mesh.glb (`lmc_jax.report.mesh_shot`; text only
+when no browser is installed) into one image (docs/t23d_tiny_views.png). Cost: about
+(steps x seconds per step) per run on 2 CPU cores, plus ~15 s per mesh shot.
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     from lmc_jax import io
 
-    keys = (*SCORES, "colourfulness_ratio", "opaque_fraction", "seconds_per_step")
+    keys = (*SCORES, "colourfulness_ratio", "opaque_fraction", "mesh_faces", "seconds_per_step")
     head = ["method", "prompt", *keys, "empty_scene"]
     rows, results = [], {}
     base = args.workdir or tempfile.mkdtemp(prefix="t23d_prompts_")
@@ -103,9 +106,13 @@ def main() -> None:
             print(io.format_table(rows[-1:], head), flush=True)
     summary = summarize(results, keys)
     print(io.format_table(rows + summary, head))
+    missing = missing_meshes(base, results)
+    for method, runs in missing.items():
+        print(f"{method}: {len(runs)} run(s) show an object but wrote no textured GLB"
+              + (f": {', '.join(runs)}" if runs else ""))
     out = {"steps": args.steps, "results": results,
            "means": {r[0]: dict(zip(keys, r[2:-1], strict=True)) for r in summary},
-           "empty_scenes": {r[0]: r[-1] for r in summary}}
+           "empty_scenes": {r[0]: r[-1] for r in summary}, "missing_meshes": missing}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
@@ -113,23 +120,63 @@ def main() -> None:
         labelled_views(base, args.methods, args.prompts, args.figure)
 
 
+def run_dir(base: str, method: str, prompt: str) -> str:
+    return os.path.join(base, method, prompt.replace(" ", "_"))
+
+
+def has_textured_glb(workdir: str) -> bool:
+    """Whether `workdir/mesh.glb` loads with faces and a base-colour texture (trimesh)."""
+    import trimesh
+
+    path = os.path.join(workdir, "mesh.glb")
+    if not os.path.exists(path):
+        return False
+    meshes = list(trimesh.load(path).geometry.values())
+    return bool(meshes) and all(
+        len(m.faces) > 0 and getattr(m.visual.material, "baseColorTexture", None) is not None
+        for m in meshes)
+
+
+def missing_meshes(base: str, results: dict[str, dict[str, dict]]) -> dict[str, list[str]]:
+    """Per method, the prompts whose views show an object (not `empty_scene`) but whose run
+    folder has no textured GLB (`has_textured_glb`)."""
+    return {method: [p for p, m in per.items()
+                     if not m["empty_scene"] and not has_textured_glb(run_dir(base, method, p))]
+            for method, per in results.items()}
+
+
 def labelled_views(base: str, methods: list[str], prompts: list[str], path: str) -> None:
-    """One row per run: its label ('LMC: a green torus') left of its views.png."""
+    """One row per run: its label ('LMC: a green torus', and the mesh's face count or 'no
+    mesh'), its views.png, and a shot of its mesh.glb in the 3D viewer when a browser exists."""
     from PIL import Image, ImageDraw
 
-    rows = [(f"{m.upper()}: {p}", Image.open(os.path.join(base, m, p.replace(" ", "_"),
-                                                          "views.png")).convert("RGB"))
-            for m in methods for p in prompts]
-    label_w, scale = 150, 2
-    w = label_w + max(im.width for _, im in rows) * scale
-    h = sum(im.height for _, im in rows) * scale
-    fig = Image.new("RGB", (w, h), "white")
+    from lmc_jax import report
+
+    browser = report.find_browser() is not None
+    label_w, scale, rows = 170, 2, []
+    for m in methods:
+        for p in prompts:
+            wd = run_dir(base, m, p)
+            views = Image.open(os.path.join(wd, "views.png")).convert("RGB")
+            views = views.resize((views.width * scale, views.height * scale), Image.NEAREST)
+            glb = has_textured_glb(wd)
+            mesh = None
+            if glb and browser:
+                shot = report.mesh_shot(wd, os.path.join(wd, "mesh_shot.png"))
+                mesh = Image.open(shot).convert("RGB").resize((views.height, views.height))
+            faces = json.load(open(os.path.join(wd, "metrics.json"))).get("mesh_faces", 0)
+            note = f"GLB, {faces} faces" if glb else "no mesh"
+            rows.append((f"{m.upper()}: {p}", note, views, mesh))
+    w = label_w + max(v.width for _, _, v, _ in rows) + max(v.height for _, _, v, _ in rows)
+    fig = Image.new("RGB", (w, sum(v.height for _, _, v, _ in rows)), "white")
     draw, y = ImageDraw.Draw(fig), 0
-    for label, im in rows:
-        big = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-        fig.paste(big, (label_w, y))
-        draw.text((4, y + big.height // 2 - 6), label, fill="black")
-        y += big.height
+    for label, note, views, mesh in rows:
+        fig.paste(views, (label_w, y))
+        if mesh is not None:
+            fig.paste(mesh, (label_w + views.width, y))
+        draw.text((4, y + views.height // 2 - 12), label, fill="black")
+        draw.text((4, y + views.height // 2 + 2), note, fill="black")
+        y += views.height
     fig.save(path)
     print(f"wrote {path}")
 

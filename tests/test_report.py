@@ -118,3 +118,31 @@ def test_report_3d_view_shows_the_model_in_headless_chromium(run_folder, tmp_pat
     # One blob about as wide as tall (a ball), inside the viewer's square.
     height, width = ys.max() - ys.min(), xs.max() - xs.min()
     assert 0.8 < height / width < 1.25 and width < report.VIEWER_SIZE
+
+
+def test_prompt_benchmark_counts_a_visible_object_without_a_glb_and_draws_the_figure(
+        run_folder, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from _bench import load_benchmark
+
+    bench = load_benchmark("t23d_prompts")
+    workdir, _ = run_folder
+    runs = {"a purple sphere": True, "a red cube": False}  # has a GLB
+    for prompt, glb in runs.items():
+        wd = tmp_path / "lmc" / prompt.replace(" ", "_")
+        wd.mkdir(parents=True)
+        Image.fromarray(np.full((10, 30, 3), 128, np.uint8)).save(wd / "views.png")
+        (wd / "metrics.json").write_text(json.dumps({"mesh_faces": 860 if glb else 0}))
+        if glb:
+            shutil.copy(workdir / "mesh.glb", wd / "mesh.glb")
+    results = {"lmc": {"a purple sphere": {"empty_scene": False},
+                       "a red cube": {"empty_scene": False},
+                       "a blue cone": {"empty_scene": True}}}  # empty: no mesh expected
+    assert bench.missing_meshes(str(tmp_path), results) == {"lmc": ["a red cube"]}
+    monkeypatch.setattr(report, "find_browser", lambda: None)  # text only (no mesh shots)
+    bench.labelled_views(str(tmp_path), ["lmc"], list(runs), str(tmp_path / "fig.png"))
+    fig = np.asarray(Image.open(tmp_path / "fig.png"))
+    assert fig.shape == (2 * 20, 170 + 60 + 20, 3)
+    np.testing.assert_array_equal(fig[:, 170:230], 128)  # both rows' views, 2x

@@ -174,6 +174,8 @@ write_runner() {
     echo '#!/usr/bin/env bash'
     echo "cd ~/$REMOTE_REPO && source ~/$REMOTE_VENV/bin/activate || exit 1"
     echo 'export LMC_JAX_NO_REEXEC=1 TF_CPP_MIN_LOG_LEVEL=2'  # malloc re-exec is for CPU runs
+    # After a preemption the old VM is gone: its workdir lock (on gcsfuse, no flock) is stale.
+    echo "export LMC_JAX_TAKE_OVER_LOCK=${TAKE_OVER_LOCK:-0}"
     printf '%q ' "${cmd[@]}"
     echo
     echo 'echo $? > ~/lmc_run.rc'
@@ -258,6 +260,7 @@ while true; do
     if [[ "$state" != READY && "$state" != ACTIVE ]]; then
       log "TPU state $state (preempted?): recreating and resuming"
       need_setup=1
+      TAKE_OVER_LOCK=1
       break
     fi
     status="$(job_status)"
@@ -272,9 +275,11 @@ while true; do
         exit 0 ;;
       143|137)
         log "job stopped by a signal (exit $status, preemption notice?): relaunching"
+        TAKE_OVER_LOCK=1
         break ;;
       LOST)
         log "job process gone without an exit status: relaunching"
+        TAKE_OVER_LOCK=1
         break ;;
       *)
         log "job failed with exit status $status; last lines of its log:"

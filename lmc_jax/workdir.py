@@ -3,9 +3,12 @@
 `WorkdirLock` holds `<workdir>/.lock` (an exclusive `flock`, released by the kernel even when
 the process is killed) with the owner's host, pid and start time in it. A second run on a busy
 workdir stops at once with a `UserError` naming the owner; a lock file left by a dead process is
-taken over with a note. `rollback()` puts the folder back as it was when a run is refused
-(removes the lock, the empty folders this run created, and the workdir itself if this run
-created it and it is empty).
+taken over with a note. Where `flock` is not available (some network filesystems: gcsfuse) the
+owner's pid is checked on the same host; a lock from another host is taken over only with
+`LMC_JAX_TAKE_OVER_LOCK=1` (launch/tpu_vm.sh sets it when it relaunches after a preemption,
+when the previous VM is gone for sure). `rollback()` puts the folder back as it was when a run
+is refused (removes the lock, the empty folders this run created, and the workdir itself if this
+run created it and it is empty).
 
 `config.json` is written by `commit_config()` only: `lmc_jax.main` registers the resolved config
 with `set_pending_config`, and the first checkpoint save, the metric writer's creation (both
@@ -95,8 +98,10 @@ class WorkdirLock:
                             "wait for it to end or stop it, or pick another --workdir") from None
         except (ImportError, OSError):  # no flock here (some network filesystems): pid check
             owner = _read_owner(fd)
-            if owner and owner.get("pid") != os.getpid() and (
-                    owner.get("host") != socket.gethostname() or _pid_alive(owner["pid"])):
+            same_host = owner.get("host") == socket.gethostname()
+            take = os.environ.get("LMC_JAX_TAKE_OVER_LOCK") == "1" and not same_host
+            if owner and owner.get("pid") != os.getpid() and not take and (
+                    not same_host or _pid_alive(int(owner.get("pid", 0)))):
                 os.close(fd)
                 raise UserError(f"--workdir {wd!r} is in use by another run: {_describe(owner)};"
                                 f" wait for it to end, or delete {self.path} if that run is "

@@ -1,0 +1,360 @@
+"""Bad inputs and random kills on text-to-3D `:tiny`: one row per case, then the counts.
+
+    python benchmarks/survive_matrix.py [--kills 20] [--seed 0] [--only matrix|kills]
+                                        [--json out.json]
+
+Every case runs `python -m lmc_jax.main --config=configs/t23d.py:tiny` (tiny sizes, see
+`TINY`) as a user would, in a fresh temporary folder, with a shared JAX compilation cache.
+
+The bad-input matrix: each case must end with exit status 2 and one `error:` line as the last
+stderr line (no traceback), and must leave the workdir as it was (byte for byte, or absent when
+it did not exist). Full disks are injected by a `sitecustomize` that makes Orbax's save (and
+then the TensorBoard writer's close) raise ENOSPC, since a real full disk cannot be made here.
+
+The kill loop: one workdir, the same command started again and again; each start is stopped
+by SIGTERM or SIGKILL at a random time, some during startup (before the first step), some
+during a checkpoint save (while Orbax's temporary folder exists), some while the outputs are
+written (after the last checkpoint). SIGTERM must exit 143; every run after a kill resumes. At
+the end the last checkpoint's digest must equal an uninterrupted run's (bit-identical), at most
+one checkpoint interval of logged steps may be lost per kill, and metrics.jsonl must hold each
+step once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, EVERY = 8, 2
+TINY = {"steps": STEPS, "render.size": 8, "render.num_coarse": 4, "render.num_fine": 4,
+        "field.width": 8, "log_every": 1, "checkpoint_every": EVERY, "keep_checkpoints": 2,
+        "output.grid_every": 1000, "output.video_frames": 2, "output.video_size": 8,
+        "output.mesh_resolution": 8}
+FAULTS = '''
+import errno, os
+_step = int(os.environ.get("SURVIVE_ENOSPC_AT_STEP", "0"))
+if _step:
+    import orbax.checkpoint as ocp
+    _save = ocp.CheckpointManager.save
+    def _full(self, step, *a, **k):
+        if step >= _step:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return _save(self, step, *a, **k)
+    ocp.CheckpointManager.save = _full
+    import tensorboardX
+    def _close(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    tensorboardX.SummaryWriter.close = _close
+'''
+
+
+def _args(workdir: str, preset: str = "tiny", **over) -> list[str]:
+    keys = {**TINY, **over}
+    return [sys.executable, "-m", "lmc_jax.main", f"--config=configs/t23d.py:{preset}",
+            f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in keys.items()]]
+
+
+class Bench:
+    def __init__(self, tmp: str):
+        self.tmp = tmp
+        faults = os.path.join(tmp, "faults")
+        os.makedirs(faults)
+        with open(os.path.join(faults, "sitecustomize.py"), "w") as f:
+            f.write(FAULTS)
+        self.env = dict(os.environ, JAX_PLATFORMS="cpu",
+                        JAX_COMPILATION_CACHE_DIR=os.path.join(tmp, "jax_cache"),
+                        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+                        PYTHONPATH=os.pathsep.join([faults, os.environ.get("PYTHONPATH", "")]))
+        self.rows: list[dict] = []
+
+    def run(self, cmd: list[str], timeout: float = 900, **env) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, cwd=ROOT, env={**self.env, **env}, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def start(self, cmd: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    def row(self, **r) -> None:
+        self.rows.append(r)
+        cells = " ".join(f"{k}={v}" for k, v in r.items() if k != "line")
+        print(f"{cells}  {r.get('line', '')[:150]}", flush=True)
+
+
+def _tree(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    if not os.path.isdir(path):
+        return {"": open(path, "rb").read()}
+    out = {}
+    for d, dirs, files in os.walk(path):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(d, name), path)] = None
+        for name in files:
+            with open(os.path.join(d, name), "rb") as f:
+                out[os.path.relpath(os.path.join(d, name), path)] = f.read()
+    return out
+
+
+def _last_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def _digest(workdir: str) -> tuple[int, str] | None:
+    """(step, sha256 of the state) of the newest checkpoint, read from its integrity item."""
+    d = os.path.join(workdir, "checkpoints")
+    steps = sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+    if not steps:
+        return None
+    for root, _, files in os.walk(os.path.join(d, str(steps[-1]), "integrity")):
+        for name in files:
+            try:
+                data = json.load(open(os.path.join(root, name)))
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if isinstance(data, dict) and "sha256" in data:
+                return steps[-1], data["sha256"]
+    return steps[-1], ""
+
+
+def _logged_steps(workdir: str) -> list[int]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    out = []
+    for line in open(path):
+        try:
+            out.append(int(json.loads(line)["step"]))
+        except (ValueError, KeyError):
+            pass
+    return out
+
+
+# --- the bad-input matrix -----------------------------------------------------------------
+
+def matrix(b: Bench) -> None:
+    tmp = b.tmp
+    finished = os.path.join(tmp, "finished")  # a finished run, copied for the resume cases
+    done = b.run(_args(finished))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def copy_of_finished(name: str) -> str:
+        wd = os.path.join(tmp, name)
+        shutil.copytree(finished, wd)
+        return wd
+
+    def no_files(name: str) -> str:
+        wd = copy_of_finished(name)
+        for step in os.listdir(os.path.join(wd, "checkpoints")):
+            for d, _, files in os.walk(os.path.join(wd, "checkpoints", step)):
+                for f in files:
+                    os.remove(os.path.join(d, f))
+        return wd
+
+    def corrupt(name: str) -> str:
+        wd = copy_of_finished(name)
+        for d, _, files in os.walk(os.path.join(wd, "checkpoints")):
+            for f in files:
+                p = os.path.join(d, f)
+                with open(p, "r+b") as fh:
+                    fh.truncate(os.path.getsize(p) // 2)
+        return wd
+
+    def a_file(name: str) -> str:
+        p = os.path.join(tmp, name)
+        open(p, "w").write("not a folder\n")
+        return p
+
+    def big_image(name: str) -> str:
+        from PIL import Image
+
+        folder = os.path.join(tmp, name + "_images")
+        os.makedirs(folder)
+        Image.new("RGB", (40, 40), (200, 0, 0)).save(os.path.join(folder, "ok.png"))
+        Image.new("L", (14000, 14000)).save(os.path.join(folder, "huge.png"))
+        return folder
+
+    def random_prior(name: str) -> str:
+        folder = os.path.join(tmp, name + "_prior")
+        for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            os.makedirs(os.path.join(folder, sub))
+            for f in ("config.json", "model_index.json"):
+                with open(os.path.join(folder, sub if f == "config.json" else "", f), "wb") as fh:
+                    fh.write(os.urandom(256))
+        return folder
+
+    holder_code = ("import sys, time; from lmc_jax.workdir import WorkdirLock; "
+                   "WorkdirLock(sys.argv[1], command='holder').acquire(); print('held', "
+                   "flush=True); time.sleep(600)")
+    cases = [
+        ("unknown key", lambda n: os.path.join(tmp, n), {"stpes": 3}, {}),
+        ("unknown nested key", lambda n: os.path.join(tmp, n), {"guidance.wieght": 3}, {}),
+        ("empty prompt", lambda n: os.path.join(tmp, n), {"prompt": "' '"}, {}),
+        ("unknown prompt word", lambda n: os.path.join(tmp, n), {"prompt": "'a purple zebra'"},
+         {}),
+        ("steps=0", lambda n: os.path.join(tmp, n), {"steps": 0}, {}),
+        ("batch=0", lambda n: os.path.join(tmp, n), {"batch": 0}, {}),
+        ("render.size too large", lambda n: os.path.join(tmp, n), {"render.size": 4096}, {}),
+        ("bad blob_shape", lambda n: os.path.join(tmp, n), {"field.blob_shape": "cube"}, {}),
+        ("bad background", lambda n: os.path.join(tmp, n), {"shading.background": "pink"}, {}),
+        ("unknown guidance method", lambda n: os.path.join(tmp, n),
+         {"guidance.method": "sdx"}, {}),
+        ("model_axis does not divide", lambda n: os.path.join(tmp, n),
+         {"parallel.model_axis": 3}, {}),
+        ("missing bias_path", lambda n: os.path.join(tmp, n),
+         {"guidance.bias_path": os.path.join(tmp, "nope")}, {}),
+        ("resume changes field.width", copy_of_finished, {"field.width": 16}, {}),
+        ("workdir is a file", a_file, {}, {}),
+        ("unwritable workdir", lambda n: "/sys/lmc_jax_survive", {}, {}),
+        ("every checkpoint's files deleted", no_files, {}, {}),
+        ("every checkpoint truncated", corrupt, {}, {}),
+        ("disk full during a save", lambda n: os.path.join(tmp, n), {},
+         {"SURVIVE_ENOSPC_AT_STEP": "4"}),
+        ("busy workdir", lambda n: os.path.join(tmp, n), {}, {"holder": "1"}),
+    ]
+    for name, make, over, env in cases:
+        wd = make(name.replace(" ", "_").replace("'", ""))
+        holder = None
+        if env.pop("holder", None):
+            holder = subprocess.Popen([sys.executable, "-c", holder_code, wd], cwd=ROOT,
+                                      env=b.env, stdout=subprocess.PIPE, text=True)
+            holder.stdout.readline()
+        before = _tree(wd)
+        p = b.run(_args(wd, **over), **env)
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+        line = _last_line(p.stderr)
+        one = line.startswith("error: ") and "Traceback" not in p.stderr
+        # A disk-full run keeps what it had (checkpoint 2); every other case changes nothing.
+        kept = (_tree(wd) == before if "disk full" not in name
+                else (_digest(wd) or (0,))[0] == 2)
+        b.row(kind="input", case=name, exit=p.returncode, one_line=one, unchanged=kept,
+              ok=p.returncode == 2 and one and kept, line=line)
+    # Two more, on other apps' inputs (data.path; prior.path, the real-prior loader's case).
+    for name, make, app, over in (
+            ("14000x14000 image in data.path", big_image, "configs/bias.py:tiny",
+             {"data.source": "folder"}),
+            ("prior folder of random bytes", random_prior, "configs/synth.py", {})):
+        folder = make(name.split()[0])
+        key = "data.path" if "data" in name else "prior.path"
+        wd = os.path.join(tmp, name.split()[0] + "_run")
+        cmd = [sys.executable, "-m", "lmc_jax.main", f"--config={app}", f"--workdir={wd}",
+               f"--config.{key}={folder}", *[f"--config.{k}={v}" for k, v in over.items()]]
+        p = b.run(cmd)
+        line = _last_line(p.stderr)
+        one = line.startswith("error: ") and "Traceback" not in p.stderr
+        b.row(kind="input", case=name, exit=p.returncode, one_line=one, unchanged=True,
+              ok=p.returncode == 2 and one, line=line)
+    # Starting over on purpose after every checkpoint was lost.
+    wd = no_files("fresh_start")
+    p = b.run([*_args(wd), "--fresh_start"])
+    b.row(kind="input", case="--fresh_start after all unreadable", exit=p.returncode,
+          one_line=True, unchanged=True, ok=p.returncode == 0, line=_last_line(p.stdout))
+
+
+# --- the kill loop ------------------------------------------------------------------------
+
+def _wait_for(proc: subprocess.Popen, cond, deadline: float) -> bool:
+    while time.time() < deadline and proc.poll() is None:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def kills(b: Bench, n: int, rng: random.Random) -> None:
+    ref = os.path.join(b.tmp, "reference")
+    p = b.run(_args(ref))
+    assert p.returncode == 0, p.stderr[-3000:]
+    want = _digest(ref)
+    t0 = time.time()
+    p = b.run(_args(os.path.join(b.tmp, "timing")))
+    span = time.time() - t0  # one whole run, warm cache
+    wd = os.path.join(b.tmp, "killed")
+    ck = os.path.join(wd, "checkpoints")
+    modes = ["startup", "save", "outputs", "random"]
+    for i in range(n):
+        sig = signal.SIGTERM if i % 2 == 0 else signal.SIGKILL
+        mode = modes[(i // 2) % len(modes)]
+        before = _digest(wd)
+        proc = b.start(_args(wd))
+        deadline = time.time() + 2 * span + 60
+        if mode == "startup":
+            time.sleep(rng.uniform(0.2, 3.0))
+            hit = proc.poll() is None
+        elif mode == "save":
+            hit = _wait_for(proc, lambda: os.path.isdir(ck) and any(
+                "tmp" in s for s in os.listdir(ck)), deadline)
+        elif mode == "outputs":
+            hit = _wait_for(proc, lambda: os.path.isdir(os.path.join(ck, str(STEPS))), deadline)
+        else:
+            time.sleep(rng.uniform(0.0, span))
+            hit = proc.poll() is None
+        logged = _logged_steps(wd)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        _, err = proc.communicate(timeout=900)
+        after = _digest(wd)
+        newest = after[0] if after else 0
+        lost = max([s for s in logged if s <= STEPS] or [0]) - newest
+        expect = 143 if sig == signal.SIGTERM else -9
+        finished = proc.returncode == 0  # the run ended before the signal
+        ok = (proc.returncode == expect or finished) and "Traceback" not in err and lost <= EVERY
+        b.row(kind="kill", i=i, signal=sig.name, at=mode, hit=hit, exit=proc.returncode,
+              ckpt_before=before[0] if before else None, ckpt_after=newest, lost_steps=lost,
+              ok=ok, line=_last_line(err))
+        if finished:  # start over so that every kill interrupts something
+            shutil.rmtree(wd)
+    p = b.run(_args(wd))
+    got = _digest(wd)
+    steps = _logged_steps(wd)
+    once = steps == list(range(1, STEPS + 1))
+    b.row(kind="final", exit=p.returncode, bit_identical=got == want, steps_once=once,
+          ok=p.returncode == 0 and got == want and once, line=_last_line(p.stderr))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", choices=["matrix", "kills"], default=None)
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="survive_") as tmp:
+        b = Bench(tmp)
+        if args.only in (None, "matrix"):
+            matrix(b)
+        if args.only in (None, "kills"):
+            kills(b, args.kills, random.Random(args.seed))
+    inputs = [r for r in b.rows if r["kind"] == "input"]
+    killed = [r for r in b.rows if r["kind"] == "kill"]
+    final = [r for r in b.rows if r["kind"] == "final"]
+    print(f"\nbad inputs: {sum(r['ok'] for r in inputs)}/{len(inputs)} one error line, exit 2, "
+          "folder unchanged")
+    print(f"kills: {sum(r['ok'] for r in killed)}/{len(killed)} exit 143 (TERM) / -9 (KILL), "
+          f"no traceback, <= {EVERY} steps lost; "
+          f"{sum(r['hit'] for r in killed)} hit their moment")
+    for r in final:
+        print(f"final resume: exit {r['exit']}, bit-identical {r['bit_identical']}, "
+              f"metrics.jsonl steps once {r['steps_once']}")
+    print(f"wall {time.time() - t0:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(b.rows, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

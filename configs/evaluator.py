@@ -32,13 +32,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "resolution": 32,
         "seed": 0,  # the dataset's seed (lmc_jax.data.shapes)
         "cache_dir": "",  # where the rendered dataset goes (default WORKDIR/data)
+        # The object head's material (lmc_jax.data.shapes.render_no_object / degrade):
+        "degraded": 3000,  # blurred + fogged copies of the first 'eval_train' renders (objects)
+        "no_object_train": 3000,  # scenes without an object
+        "no_object_test": 1000,  # held-out ones ('eval_test' split)
     })
-    config.model = ml_collections.ConfigDict({"features": (32, 32, 64, 64), "hidden": 64})
+    # object_head: p(object | x), so an empty or foggy scene cannot score as its prompt.
+    config.model = ml_collections.ConfigDict({"features": (32, 32, 64, 64), "hidden": 64,
+                                              "object_head": True})
     config.train = ml_collections.ConfigDict({"steps": 3000, "batch": 128, "lr": 3e-3})
     if preset == "quick":
         config.data.train_size = 200
         config.data.test_size = 50
         config.data.resolution = 16
+        config.data.degraded = 50
+        config.data.no_object_train = 100
+        config.data.no_object_test = 40
         config.train.steps = 20
         config.train.batch = 32
     return config

@@ -106,7 +106,8 @@ def test_evaluator_features_are_the_heads_input(bench):
     ev = shapes_eval.load_shipped_evaluator()
     images = np.random.default_rng(0).uniform(-1.0, 1.0, (3, 32, 32, 3)).astype(np.float32)
     feats = bench.evaluator_features(ev, images)
-    shape_logits, colour_logits = bench._features(ev.module, ev.params, jnp.asarray(images))[1]
+    shape_logits, colour_logits = bench._features(ev.module, ev.params,
+                                                  jnp.asarray(images))[1][:2]
     for head, logits in (("shape_head", shape_logits), ("colour_head", colour_logits)):
         p = ev.params[head]
         np.testing.assert_allclose(feats @ np.asarray(p["kernel"]) + np.asarray(p["bias"]),

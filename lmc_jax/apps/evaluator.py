@@ -1,9 +1,12 @@
 """Trains the shape-and-colour evaluator (configs/evaluator.py) and writes it to WORKDIR/evaluator.
 
 Renders (once, cached under `data.cache_dir`) the 'eval_train' and 'eval_test' splits of
-`lmc_jax.data.shapes`, trains `lmc_jax.metrics.shapes_eval.ShapeColourNet` on 'eval_train',
-measures shape, colour and joint (both right) accuracy on the held-out 'eval_test', and saves
-the evaluator with those accuracies in its metadata. Copy WORKDIR/evaluator to
+`lmc_jax.data.shapes`, trains `lmc_jax.metrics.shapes_eval.ShapeColourNet` on 'eval_train'
+(plus, with `model.object_head`, `data.degraded` blurred and fogged copies of it, still objects,
+and `data.no_object_train` scenes without an object, `shapes.render_no_object`), measures
+shape, colour and joint (both right) accuracy on the held-out 'eval_test', how often it reads
+held-out renders, their degraded copies and held-out no-object scenes right (object or not),
+and saves the evaluator with those figures in its metadata. Copy WORKDIR/evaluator to
 `lmc_jax/assets/embedded_prior/evaluator` to ship it.
 """
 
@@ -30,18 +33,32 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 "train.batch", "train.lr"):
         section, name = key.split(".")
         require_positive(config[section][name], key)
+    object_head = bool(config.model.get("object_head", False))
+    if object_head:
+        for key in ("no_object_train", "no_object_test"):
+            require_positive(dc[key], f"data.{key}")
     cache_dir = dc.cache_dir or os.path.join(workdir, "data")
     start = time.time()
     train = shapes.load_arrays("eval_train", dc.train_size, cache_dir, dc.resolution, dc.seed)
     test = shapes.load_arrays("eval_test", dc.test_size, cache_dir, dc.resolution, dc.seed)
+    images, labels_s, labels_c = train["image"], train["shape"], train["colour"]
+    objects = np.ones(len(images), np.float32)
+    if object_head:
+        n_deg = min(int(dc.degraded), len(images))
+        none = shapes.render_no_object(dc.seed, "eval_train", dc.no_object_train, dc.resolution)
+        images = np.concatenate([images, shapes.degrade(images[:n_deg], dc.seed), none])
+        labels_s = np.concatenate([labels_s, labels_s[:n_deg], np.zeros(len(none), np.int32)])
+        labels_c = np.concatenate([labels_c, labels_c[:n_deg], np.zeros(len(none), np.int32)])
+        objects = np.concatenate([objects, np.ones(n_deg, np.float32),
+                                  np.zeros(len(none), np.float32)])
     data_seconds = time.time() - start
 
     module = shapes_eval.ShapeColourNet(features=tuple(config.model.features),
-                                        hidden=config.model.hidden)
+                                        hidden=config.model.hidden, object_head=object_head)
     start = time.time()
     params = shapes_eval.train_evaluator(
-        train["image"], train["shape"], train["colour"], steps=tc.steps, batch=tc.batch,
-        lr=tc.lr, seed=config.seed, module=module,
+        images, labels_s, labels_c, steps=tc.steps, batch=tc.batch,
+        lr=tc.lr, seed=config.seed, module=module, objects=objects,
         progress=lambda r: io.progress(r, desc="train evaluator", unit="step"))
     train_seconds = time.time() - start
 
@@ -56,6 +73,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "test_shape_accuracy": float(np.mean(shape_ok)),
         "test_colour_accuracy": float(np.mean(colour_ok)),
         "test_joint_accuracy": float(np.mean(shape_ok & colour_ok)),
+        **(_object_metrics(evaluator, test["image"], dc) if object_head else {}),
         "train_size": int(dc.train_size),
         "test_size": int(dc.test_size),
         "steps": int(tc.steps),
@@ -72,3 +90,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(io.format_table([[k, v] for k, v in metrics.items()], ["metric", "value"]))
     print(f"evaluator saved to {out}")
     return metrics
+
+
+def _object_metrics(evaluator: shapes_eval.Evaluator, test_images: np.ndarray,
+                    dc: ml_collections.ConfigDict) -> dict:
+    """How often the object head is right on held-out material: renders (object), their
+    degraded copies (object; another seed than training's) and no-object scenes ('eval_test'
+    split), and the no-object recall per kind."""
+    none = shapes.render_no_object(dc.seed, "eval_test", dc.no_object_test, dc.resolution)
+    p_none = shapes_eval.object_probability(evaluator, none)
+    kinds = np.arange(len(none)) % len(shapes.NO_OBJECT_KINDS)
+    out = {
+        "test_object_recall": float(np.mean(
+            shapes_eval.object_probability(evaluator, test_images) >= 0.5)),
+        "test_degraded_object_recall": float(np.mean(shapes_eval.object_probability(
+            evaluator, shapes.degrade(test_images, dc.seed + 1)) >= 0.5)),
+        "test_no_object_recall": float(np.mean(p_none < 0.5)),
+    }
+    for k, kind in enumerate(shapes.NO_OBJECT_KINDS):
+        out[f"test_no_object_recall_{kind}"] = float(np.mean(p_none[kinds == k] < 0.5))
+    return out

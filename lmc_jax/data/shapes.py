@@ -270,6 +270,89 @@ def render(seed: int, split: str, indices: Sequence[int] | np.ndarray,
 
 
 # ----------------------------------------------------------------------------------------------
+# Scenes without an object, and degraded renders (the evaluator's "no object" head).
+
+NO_OBJECT_KINDS = ("background", "fog", "band", "glow")
+
+
+def _smooth_field(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """A smooth random field in [0, 1], [size, size]: uniform noise on a (cells+1)^2 grid,
+    bilinearly interpolated (features about size/cells pixels wide)."""
+    from scipy.ndimage import map_coordinates
+
+    grid = rng.uniform(0.0, 1.0, (cells + 1, cells + 1))
+    coords = (np.arange(size) + 0.5) / size * cells
+    yy, xx = np.meshgrid(coords, coords, indexing="ij")
+    return map_coordinates(grid, [yy, xx], order=1, mode="nearest")
+
+
+def render_no_object(seed: int, split: str, n: int, resolution: int = 32) -> np.ndarray:
+    """uint8 [n, resolution, resolution, 3] scenes that show no object, the ways a text-to-3D
+    field fails: example i is kind `NO_OBJECT_KINDS[i % 4]` on a plain grey background (the
+    renders' `BACKGROUND` range):
+
+    - 'background': the background alone (a collapsed field);
+    - 'fog': a translucent smooth cloud of one colour (a palette colour, shaded, or a grey) with
+      opacity `a0 + (a1 - a0) f`, f a smooth random field (`_smooth_field`, 2-5 cells);
+    - 'band': a soft straight band of a palette colour (Gaussian profile, sigma 10-20% of the
+      image, peak opacity 0.4-0.9), optionally under a faint grey fog;
+    - 'glow': a soft round glow (Gaussian, sigma 15-30% of the image, peak opacity 0.3-0.7).
+
+    None has the hard silhouette and shading of a render. Deterministic in (seed, split, i)."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
+    palette = np.asarray(list(COLOURS.values()), np.float64)
+    size = int(resolution)
+    centres = (np.arange(size) + 0.5) / size - 0.5
+    yy, xx = np.meshgrid(centres, centres, indexing="ij")
+    out = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        rng = np.random.default_rng([seed, SPLITS[split], 1_000_003, i])
+        image = np.full((size, size, 3), rng.uniform(*BACKGROUND))
+        kind = NO_OBJECT_KINDS[i % len(NO_OBJECT_KINDS)]
+        colour = palette[rng.integers(len(palette))] * rng.uniform(0.4, 1.0)
+        if kind == "fog":
+            if rng.random() < 0.3:
+                colour = np.full(3, rng.uniform(0.2, 1.0))
+            a0, a1 = sorted(rng.uniform(0.0, 0.9, 2))
+            alpha = a0 + (a1 - a0) * _smooth_field(rng, size, int(rng.integers(2, 6)))
+        elif kind == "band":
+            angle, offset = rng.uniform(0.0, np.pi), rng.uniform(-0.3, 0.3)
+            dist = xx * np.cos(angle) + yy * np.sin(angle) - offset
+            alpha = rng.uniform(0.4, 0.9) * np.exp(-0.5 * (dist / rng.uniform(0.1, 0.2)) ** 2)
+        elif kind == "glow":
+            cy, cx = rng.uniform(-0.25, 0.25, 2)
+            r2 = (yy - cy) ** 2 + (xx - cx) ** 2
+            alpha = rng.uniform(0.3, 0.7) * np.exp(-0.5 * r2 / rng.uniform(0.15, 0.3) ** 2)
+        else:
+            alpha = np.zeros((size, size))
+        image = image * (1.0 - alpha[..., None]) + colour * alpha[..., None]
+        if kind == "band" and rng.random() < 0.5:
+            image = image * 0.8 + 0.2 * rng.uniform(*BACKGROUND) * rng.uniform(0.0, 1.0)
+        image = image + rng.normal(0.0, 0.01, image.shape)
+        out[i] = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return out
+
+
+def degrade(images_u8: np.ndarray, seed: int, max_sigma: float = 1.2,
+            max_fog: float = 0.35) -> np.ndarray:
+    """Renders as a text-to-3D result may show them: each image blurred by a Gaussian of
+    sigma ~ U(0, max_sigma) pixels and veiled by a uniform fog of opacity U(0, max_fog) in a
+    random grey. uint8 in, uint8 out; deterministic in `seed`."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng([seed, 2_000_003])
+    out = np.empty_like(images_u8)
+    for i, im in enumerate(np.asarray(images_u8, np.float64) / 255.0):
+        sigma = rng.uniform(0.0, max_sigma)
+        im = gaussian_filter(im, (sigma, sigma, 0), mode="nearest")
+        fog = rng.uniform(0.0, max_fog)
+        im = im * (1.0 - fog) + fog * rng.uniform(0.3, 0.9)
+        out[i] = np.round(np.clip(im, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # The tfds builder.
 
 

@@ -3,17 +3,24 @@
 It scores images from the embedded prior (`lmc_jax.data.shapes`: 5 shapes x 5 colours) and
 views of text-to-3D results, where CLIP knows too little about 32x32 renders. `ShapeColourNet`
 maps an image in [-1, 1] (NHWC, any square size, resized to 32x32) to two softmax heads,
-`p(shape | x)` over `SHAPES` and `p(colour | x)` over `COLOURS`. It is trained on the
-'eval_train' split (`python -m lmc_jax.main --config=configs/evaluator.py --workdir=DIR`),
-renders the prior never saw, and a trained copy ships in `lmc_jax/assets/embedded_prior/evaluator`.
+`p(shape | x)` over `SHAPES` and `p(colour | x)` over `COLOURS`, and (`object_head=True`, the
+shipped evaluator) a sigmoid `p(object | x)`: whether the image shows an object at all, trained
+against `lmc_jax.data.shapes.render_no_object` (the bare background, fog, soft bands and glows:
+how a text-to-3D field fails), so that an empty or foggy scene cannot score as its prompt. It
+is trained on the 'eval_train' split (`python -m lmc_jax.main --config=configs/evaluator.py
+--workdir=DIR`), renders the prior never saw, and a trained copy ships in
+`lmc_jax/assets/embedded_prior/evaluator`.
 
 A prompt names one shape and one colour (`parse_prompt`, shape synonyms from `SHAPE_WORDS`).
 Metrics for images `x_n` generated from prompts `y_n = (s_n, c_n)`:
 
-- accuracy = mean_n [argmax_s p(s | x_n) = s_n and argmax_c p(c | x_n) = c_n];
-- R-precision = mean_n [(s, c)(argmax_m score(x_n, y'_m)) = (s_n, c_n)] over candidate prompts
-  `y'_m = (s'_m, c'_m)` (default: all 25 "a {colour} {shape}"), with
+- accuracy = mean_n [argmax_s p(s | x_n) = s_n and argmax_c p(c | x_n) = c_n
+                     and p(object | x_n) >= 1/2];
+- R-precision = mean_n [(s, c)(argmax_m score(x_n, y'_m)) = (s_n, c_n) and p(object | x_n) >= 1/2]
+  over candidate prompts `y'_m = (s'_m, c'_m)` (default: all 25 "a {colour} {shape}"), with
   score(x, y') = log p(s' | x) + log p(c' | x).
+
+(Without an object head, p(object | x) = 1.)
 
 Weights are stored as float16 Flax msgpack (`params.msgpack`) next to `evaluator.json`
 (architecture, class names, training metadata); never pickle.
@@ -53,15 +60,20 @@ class ShapeColourNet(nn.Module):
 
     features: Sequence[int] = (32, 32, 64, 64)
     hidden: int = 64
+    object_head: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x: [N, 32, 32, 3] in [-1, 1] -> (shape logits [N, 5], colour logits [N, 5])."""
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        """x: [N, 32, 32, 3] in [-1, 1] -> (shape logits [N, 5], colour logits [N, 5]) and,
+        with `object_head`, the object logit [N]."""
         for i, f in enumerate(self.features):
             x = nn.relu(nn.Conv(f, (3, 3), strides=1 if i == 0 else 2)(x))
         x = nn.relu(nn.Dense(self.hidden)(x.mean(axis=(1, 2))))
-        return nn.Dense(len(SHAPES), name="shape_head")(x), \
-            nn.Dense(len(COLOURS), name="colour_head")(x)
+        out = (nn.Dense(len(SHAPES), name="shape_head")(x),
+               nn.Dense(len(COLOURS), name="colour_head")(x))
+        if self.object_head:
+            out += (nn.Dense(1, name="object_head")(x)[:, 0],)
+        return out
 
 
 def param_count(params: Any) -> int:
@@ -78,15 +90,18 @@ def _to_input(images: jax.Array) -> jax.Array:
     return images
 
 
-def classify(module: ShapeColourNet, params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(shape logits, colour logits) of NHWC images in [-1, 1] of any square size."""
+def classify(module: ShapeColourNet, params: Any, images: jax.Array) -> tuple[jax.Array, ...]:
+    """(shape logits, colour logits[, object logit]) of NHWC images in [-1, 1], any square size."""
     return module.apply({"params": params}, _to_input(images))
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _probs(module: ShapeColourNet, params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    shape_logits, colour_logits = classify(module, params, images)
-    return jax.nn.softmax(shape_logits), jax.nn.softmax(colour_logits)
+def _probs(module: ShapeColourNet, params: Any, images: jax.Array
+           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    logits = classify(module, params, images)
+    p_object = (jax.nn.sigmoid(logits[2]) if module.object_head
+                else jnp.ones(images.shape[0], jnp.float32))
+    return jax.nn.softmax(logits[0]), jax.nn.softmax(logits[1]), p_object
 
 
 def _check_images(images: Any) -> np.ndarray | jax.Array:
@@ -110,23 +125,28 @@ class Evaluator:
 
     def probs(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
         """(p(shape) [N, 5], p(colour) [N, 5]) of NHWC images in [-1, 1] (uint8 also taken)."""
+        return self.predict(images)[:2]
+
+    def predict(self, images: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(p(shape) [N, 5], p(colour) [N, 5], p(object) [N]); p(object) = 1 without an
+        object head."""
         images = _check_images(images)
         n, size = images.shape[0], images.shape[1]
         if n == 0:
-            return np.zeros((0, len(SHAPES)), np.float32), np.zeros((0, len(COLOURS)), np.float32)
+            return (np.zeros((0, len(SHAPES)), np.float32),
+                    np.zeros((0, len(COLOURS)), np.float32), np.zeros((0,), np.float32))
         # Fixed power-of-two chunks bound the compiled shapes; big images get smaller chunks.
         chunk = max(1, min(256, (1 << 22) // (size * size)))
         chunk = min(chunk, 1 << (n - 1).bit_length())
-        out_s, out_c = [], []
+        outs = []
         for i in range(0, n, chunk):
             x = jnp.asarray(images[i:i + chunk], jnp.float32)
             m = x.shape[0]
             if m < chunk:
                 x = jnp.concatenate([x, jnp.zeros((chunk - m, *x.shape[1:]), x.dtype)])
-            ps, pc = _probs(self.module, self.params, x)
-            out_s.append(np.asarray(ps[:m]))
-            out_c.append(np.asarray(pc[:m]))
-        return np.concatenate(out_s), np.concatenate(out_c)
+            outs.append([np.asarray(p[:m]) for p in _probs(self.module, self.params, x)])
+        ps, pc, po = (np.concatenate(parts) for parts in zip(*outs, strict=True))
+        return ps, pc, po
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,9 +180,15 @@ def _resize_u8(images_u8: np.ndarray) -> np.ndarray:
 
 def train_evaluator(images_u8: np.ndarray, shapes: np.ndarray, colours: np.ndarray,
                     steps: int, batch: int, lr: float, seed: int,
-                    module: ShapeColourNet | None = None, progress: Any = None) -> Any:
-    """Trains `ShapeColourNet` (Adam, cosine-decayed `lr`, summed cross-entropy of both heads)
-    on uint8 images [N, H, H, 3] with labels; returns float32 params.
+                    module: ShapeColourNet | None = None, progress: Any = None,
+                    objects: np.ndarray | None = None) -> Any:
+    """Trains `ShapeColourNet` (Adam, cosine-decayed `lr`) on uint8 images [N, H, H, 3] with
+    labels; returns float32 params.
+
+    The loss is the cross-entropy of the shape and colour heads over the batch's images that
+    show an object, plus, with `module.object_head`, the binary cross-entropy of the object head
+    over all of them. `objects` [N]: 1 where image n shows an object, 0 for a no-object scene
+    (its shape and colour labels are then ignored); default all 1.
 
     Each step draws `batch` examples with replacement and augments them (`_augment`) with keys
     folded from `seed` and the step number: the same inputs give the same params. `progress`
@@ -179,9 +205,15 @@ def train_evaluator(images_u8: np.ndarray, shapes: np.ndarray, colours: np.ndarr
     if steps < 1 or batch < 1:
         raise UserError(f"train_evaluator needs steps >= 1 and batch >= 1, got {steps}, {batch}")
     module = module or ShapeColourNet()
+    objects = np.ones(n, np.float32) if objects is None else np.asarray(objects, np.float32)
+    if objects.shape != (n,) or not np.all((objects == 0) | (objects == 1)):
+        raise UserError(f"train_evaluator's objects must be n = {n} values in {{0, 1}}")
+    if not module.object_head and not np.all(objects == 1):
+        raise UserError("no-object examples need ShapeColourNet(object_head=True)")
     data = jnp.asarray(_resize_u8(images_u8))
     labels_s = jnp.asarray(shapes, jnp.int32)
     labels_c = jnp.asarray(colours, jnp.int32)
+    labels_o = jnp.asarray(objects)
     k_init, key = jax.random.split(jax.random.PRNGKey(seed))
     params = module.init(k_init, jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3)))["params"]
     opt = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.01))
@@ -194,10 +226,14 @@ def train_evaluator(images_u8: np.ndarray, shapes: np.ndarray, colours: np.ndarr
         x = _augment(k_aug, data[idx].astype(jnp.float32) / 255.0) * 2.0 - 1.0
 
         def loss_fn(p):
-            ls, lc = module.apply({"params": p}, x)
-            ce_s = optax.softmax_cross_entropy_with_integer_labels(ls, labels_s[idx]).mean()
-            ce_c = optax.softmax_cross_entropy_with_integer_labels(lc, labels_c[idx]).mean()
-            return ce_s + ce_c
+            out = module.apply({"params": p}, x)
+            obj = labels_o[idx]
+            ce_s = optax.softmax_cross_entropy_with_integer_labels(out[0], labels_s[idx])
+            ce_c = optax.softmax_cross_entropy_with_integer_labels(out[1], labels_c[idx])
+            loss = jnp.sum((ce_s + ce_c) * obj) / jnp.maximum(jnp.sum(obj), 1.0)
+            if module.object_head:
+                loss = loss + optax.sigmoid_binary_cross_entropy(out[2], obj).mean()
+            return loss
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = opt.update(grads, opt_state, params)
@@ -226,7 +262,8 @@ def save_evaluator(path: str | os.PathLike, params: Any, metadata: dict | None =
     half = jax.tree_util.tree_map(lambda p: np.asarray(p, np.float16), params)
     (path / PARAMS_FILE).write_bytes(serialization.to_bytes(half))
     meta = {
-        "module": {"features": list(module.features), "hidden": int(module.hidden)},
+        "module": {"features": list(module.features), "hidden": int(module.hidden),
+                   "object_head": bool(module.object_head)},
         "input_size": INPUT_SIZE,
         "shapes": list(SHAPES),
         "colours": list(COLOURS),
@@ -248,7 +285,8 @@ def load_evaluator(path: str | os.PathLike) -> Evaluator:
     try:
         meta = json.loads((path / META_FILE).read_text())
         module = ShapeColourNet(features=tuple(int(f) for f in meta["module"]["features"]),
-                                hidden=int(meta["module"]["hidden"]))
+                                hidden=int(meta["module"]["hidden"]),
+                                object_head=bool(meta["module"].get("object_head", False)))
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path / META_FILE} is not a valid evaluator description ({e!r}); "
                         f"retrain with configs/evaluator.py") from None
@@ -321,27 +359,45 @@ def _prompt_labels(prompts: str | Sequence[str], n: int) -> np.ndarray:
     return np.asarray([parse_prompt(p) for p in prompts], np.int64).reshape(n, 2)
 
 
+def has_object_head(evaluator: Evaluator) -> bool:
+    """Whether `evaluator` can say "no object" (`p(object | x)`)."""
+    return bool(evaluator.module.object_head)
+
+
+def object_probability(evaluator: Evaluator, images: Any) -> np.ndarray:
+    """p(object | x) [N] (all 1 for an evaluator without the object head)."""
+    return evaluator.predict(images)[2]
+
+
 def accuracy(evaluator: Evaluator, images: Any, prompts: str | Sequence[str]) -> float:
-    """Fraction of images whose argmax shape and argmax colour both match their prompt."""
+    """Fraction of images that show an object (p(object) >= 1/2) whose argmax shape and
+    argmax colour both match their prompt."""
     labels = _prompt_labels(prompts, len(images))
-    ps, pc = evaluator.probs(images)
-    hit = (ps.argmax(-1) == labels[:, 0]) & (pc.argmax(-1) == labels[:, 1])
+    ps, pc, po = evaluator.predict(images)
+    hit = (ps.argmax(-1) == labels[:, 0]) & (pc.argmax(-1) == labels[:, 1]) & (po >= 0.5)
     return float(np.mean(hit)) if len(hit) else float("nan")
 
 
 def r_precision(evaluator: Evaluator, images: Any, prompts: str | Sequence[str],
                 candidates: Sequence[str] | None = None) -> float:
-    """Fraction of images whose best candidate prompt, by log p(shape) + log p(colour), names
-    the same (shape, colour) as the image's own prompt (module docstring)."""
+    """Fraction of images that show an object (p(object) >= 1/2) whose best candidate prompt,
+    by log p(shape) + log p(colour), names the same (shape, colour) as the image's own prompt
+    (module docstring)."""
+    hit = r_precision_per_image(evaluator, images, prompts, candidates)
+    return float(np.mean(hit)) if len(hit) else float("nan")
+
+
+def r_precision_per_image(evaluator: Evaluator, images: Any, prompts: str | Sequence[str],
+                          candidates: Sequence[str] | None = None) -> np.ndarray:
+    """`r_precision`'s hits, bool [N]."""
     labels = _prompt_labels(prompts, len(images))
     cand = np.asarray([parse_prompt(p) for p in (candidates or default_candidates())],
                       np.int64).reshape(-1, 2)
     if len(cand) == 0:
         raise UserError("r_precision needs at least one candidate prompt")
-    ps, pc = evaluator.probs(images)
+    ps, pc, po = evaluator.predict(images)
     log_s = np.log(np.maximum(ps.astype(np.float64), 1e-30))
     log_c = np.log(np.maximum(pc.astype(np.float64), 1e-30))
     scores = log_s[:, cand[:, 0]] + log_c[:, cand[:, 1]]  # [N, M]
     best = cand[scores.argmax(-1)]
-    hit = np.all(best == labels, axis=-1)
-    return float(np.mean(hit)) if len(hit) else float("nan")
+    return np.all(best == labels, axis=-1) & (po >= 0.5)

@@ -31,6 +31,15 @@ from lmc_jax.priors.tokenizer import (
 BATCH = 2
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    """Converted weights go to a temporary cache, never the user's ~/.cache/lmc_jax."""
+    with pytest.MonkeyPatch.context() as mp:
+        cache = tmp_path_factory.mktemp("lmc_cache")
+        mp.setenv("LMC_JAX_CACHE", str(cache))
+        yield cache
+
+
 def _scaled_linear(b0=0.00085, b1=0.012, n=1000):
     betas = np.linspace(b0**0.5, b1**0.5, n) ** 2
     return np.cumprod(1.0 - betas)
@@ -226,35 +235,149 @@ def test_v_prediction(saved, tmp_path, tiny, inputs, eps_tiny):
         sd.load_stable_diffusion(str(folder))
 
 
-def _torch_layout(params):
-    """Flax weights -> PyTorch names and layouts (the inverse of the PT->Flax converters)."""
-    out = {}
-    for key, v in flatten_dict(params).items():
-        v, leaf = np.asarray(v, np.float32), key[-1]
-        if leaf == "kernel":
-            v, leaf = (v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T), "weight"
-        elif leaf in ("scale", "embedding"):
-            leaf = "weight"
-        out[".".join((*key[:-1], leaf))] = np.ascontiguousarray(v)
-    return out
+@pytest.fixture(scope="module")
+def pt_folder(tmp_path_factory):
+    """The tiny pipeline as a PyTorch-format folder in the official layout (no Flax files)."""
+    return sd.save_tiny_pytorch_pipeline(tmp_path_factory.mktemp("pt") / "sd")
 
 
-def test_from_pt_safetensors(saved, tmp_path, tiny):
-    from safetensors.numpy import save_file
-
-    folder = _copy(saved, tmp_path / "pt", skip=("*.msgpack",))
-    files = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
-             "text_encoder": "model"}
-    for part, stem in files.items():
-        save_file(_torch_layout(tiny.params[part]), str(folder / part / f"{stem}.safetensors"),
-                  metadata={"format": "pt"})
-    with pytest.raises(UserError, match="from_pt=True"):
-        sd.load_stable_diffusion(str(folder))
-    pt = sd.load_stable_diffusion(str(folder), from_pt=True)
-    flat_a, flat_b = flatten_dict(tiny.params), flatten_dict(pt.params)
+def _assert_same_params(a, b, cast=None):
+    flat_a, flat_b = flatten_dict(a), flatten_dict(b)
     assert flat_a.keys() == flat_b.keys()
     for k in flat_a:
-        np.testing.assert_array_equal(flat_a[k], flat_b[k], err_msg=str(k))
+        want = np.asarray(flat_a[k])
+        if cast is not None:
+            want = want.astype(cast).astype(np.float32)
+        np.testing.assert_array_equal(np.asarray(flat_b[k], np.float32), want, err_msg=str(k))
+
+
+def test_pytorch_folder_has_the_official_layout(pt_folder):
+    from safetensors import safe_open
+
+    names = {p.relative_to(pt_folder).as_posix() for p in pt_folder.rglob("*") if p.is_file()}
+    assert {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+            "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+            "scheduler/scheduler_config.json", "tokenizer/vocab.json"} <= names
+    assert not any(n.endswith(".msgpack") for n in names)
+    index = json.loads((pt_folder / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    with safe_open(str(pt_folder / "unet" / "diffusion_pytorch_model.safetensors"), "np") as f:
+        keys = set(f.keys())
+        w = f.get_tensor("down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj.weight")
+    assert {"conv_in.weight", "down_blocks.0.resnets.0.conv1.weight",
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.weight",
+            "down_blocks.0.downsamplers.0.conv.weight", "up_blocks.1.attentions.0.proj_in.weight",
+            "mid_block.resnets.1.time_emb_proj.weight", "conv_norm_out.weight"} <= keys
+    assert w.shape == (2 * 4 * 32, 32)  # torch Linear: [out, in] (GEGLU: 2 x 4 x dim)
+    with safe_open(str(pt_folder / "vae" / "diffusion_pytorch_model.safetensors"), "np") as f:
+        assert {"encoder.mid_block.attentions.0.to_q.weight", "decoder.conv_out.weight",
+                "quant_conv.weight"} <= set(f.keys())
+    with safe_open(str(pt_folder / "text_encoder" / "model.safetensors"), "np") as f:
+        assert {"text_model.encoder.layers.0.self_attn.q_proj.weight",
+                "text_model.embeddings.token_embedding.weight"} <= set(f.keys())
+
+
+def test_pytorch_folder_loads_without_a_flag_and_the_second_load_is_cached(
+        pt_folder, tiny, _cache, monkeypatch):
+    pt = sd.load_stable_diffusion(str(pt_folder))
+    _assert_same_params(tiny.params, pt.params)
+    entries = sorted((_cache / "flax").iterdir())
+    assert len(entries) == 3  # unet, vae, text encoder
+    # the second load reads the cache: the converters are never called
+    import diffusers.models.modeling_flax_pytorch_utils as dconv
+    import transformers.modeling_flax_pytorch_utils as tconv
+
+    def boom(*a, **k):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(dconv, "convert_pytorch_state_dict_to_flax", boom)
+    monkeypatch.setattr(tconv, "convert_pytorch_state_dict_to_flax", boom)
+    again = sd.load_stable_diffusion(str(pt_folder), from_pt=True)
+    _assert_same_params(tiny.params, again.params)
+    # changed weights: a new key, converted again
+    changed = _copy(pt_folder, pt_folder.parent / "changed")
+    vae_file = changed / "vae" / "diffusion_pytorch_model.safetensors"
+    from safetensors.numpy import load_file, save_file
+
+    state = load_file(str(vae_file))
+    state["decoder.conv_out.bias"] = state["decoder.conv_out.bias"] + 1.0
+    save_file(state, str(vae_file), metadata={"format": "pt"})
+    with pytest.raises(AssertionError, match="converted again"):
+        sd.load_stable_diffusion(str(changed))
+
+
+def test_fp16_variant_folder(tiny, tmp_path):
+    folder = sd.save_tiny_pytorch_pipeline(tmp_path / "fp16", variant="fp16")
+    assert (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert not (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    prior = sd.load_stable_diffusion(str(folder))
+    _assert_same_params(tiny.params, prior.params, cast=np.float16)
+
+
+def _fake_hub_cache(root: Path, repo: str, revisions: dict[str, Path]) -> Path:
+    """A Hugging Face cache holding `repo` at the given revisions (ref -> folder)."""
+    base = root / f"models--{repo.replace('/', '--')}"
+    for i, (ref, src) in enumerate(revisions.items()):
+        commit = f"{i + 1:040x}"
+        shutil.copytree(src, base / "snapshots" / commit)
+        (base / "refs").mkdir(parents=True, exist_ok=True)
+        (base / "refs" / ref).write_text(commit)
+    return root
+
+
+def test_revision_reaches_the_loader(pt_folder, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from lmc_jax.config import prior_config
+    from lmc_jax.priors import sd_load
+    from lmc_jax.priors.factory import build_prior
+
+    linear = _copy(pt_folder, tmp_path / "linear")
+    cfg_file = linear / "scheduler" / "scheduler_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()),
+                                    "beta_schedule": "linear", "beta_start": 1e-4,
+                                    "beta_end": 0.02}))
+    hub = _fake_hub_cache(tmp_path / "hub", "lmc-jax-test/tiny",
+                          {"main": pt_folder, "v2": linear})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(sd_load, "_hub_reachable", lambda endpoint: False)
+    main = build_prior(prior_config("sd", path="lmc-jax-test/tiny"))
+    np.testing.assert_allclose(main.alphas_cumprod, _scaled_linear(), rtol=1e-6)
+    v2 = build_prior(prior_config("sd", path="lmc-jax-test/tiny", revision="v2"))
+    np.testing.assert_allclose(v2.alphas_cumprod, np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)),
+                               rtol=1e-6)
+    with pytest.raises(UserError, match="at revision 'v3'"):
+        build_prior(prior_config("sd", path="lmc-jax-test/tiny", revision="v3"))
+
+
+def test_single_file_checkpoint_error_says_how_to_convert(tmp_path):
+    ckpt = tmp_path / "v2-1_512-ema-pruned.safetensors"
+    from safetensors.numpy import save_file
+
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": np.zeros((4, 4, 3, 3),
+                                                                          np.float32)}, str(ckpt))
+    with pytest.raises(UserError) as err:
+        sd.load_stable_diffusion(str(ckpt))
+    msg = str(err.value)
+    assert "\n" not in msg and "single-file checkpoint" in msg
+    assert f"P.from_single_file('{ckpt}').save_pretrained('{tmp_path / 'v2-1_512-ema-pruned'}')" \
+        in msg
+    assert f"--config.prior.path={tmp_path / 'v2-1_512-ema-pruned'}" in msg
+
+
+def test_random_bytes_folder_is_one_error_line(saved, tmp_path):
+    rng = np.random.default_rng(0)
+    folder = _copy(saved, tmp_path / "garbage")
+    (folder / "model_index.json").write_bytes(rng.bytes(300))
+    with pytest.raises(UserError, match="model_index.json is not a JSON file"):
+        sd.load_stable_diffusion(str(folder))
+    folder = _copy(saved, tmp_path / "garbage2")
+    for f in folder.rglob("*"):
+        if f.is_file():
+            f.write_bytes(rng.bytes(200))
+    with pytest.raises(UserError) as err:
+        sd.load_stable_diffusion(str(folder))
+    assert "\n" not in str(err.value)
 
 
 # --- errors ---------------------------------------------------------------------------------

@@ -35,10 +35,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from lmc_jax.cache import CACHE_ENV, cache_root, files_fingerprint
 from lmc_jax.errors import UserError
 from lmc_jax.priors.base import Prior
 
-CACHE_ENV = "LMC_JAX_CACHE"
+__all__ = ["CACHE_ENV", "Recipe", "auto_bias", "cache_key", "cache_root", "default_recipe",
+           "prior_fingerprint", "resolve_bias", "sample_prompts"]
 RECIPE_VERSION = 1
 WEIGHT_DIRS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -117,50 +119,6 @@ def recipe_from_config(prior: Prior, gcfg: ml_collections.ConfigDict) -> Recipe:
 # Cache and fingerprints.
 
 
-def cache_root(cache_dir: str = "") -> Path:
-    """`cache_dir`, else `$LMC_JAX_CACHE`, else `~/.cache/lmc_jax`."""
-    return Path(cache_dir or os.environ.get(CACHE_ENV) or "~/.cache/lmc_jax").expanduser()
-
-
-def file_digest(path: Path, memo: dict[str, str] | None = None) -> str:
-    """sha256 of a file's bytes; `memo` (keyed by path, size and mtime) skips unchanged files."""
-    st = path.stat()
-    stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    if memo is not None and stamp in memo:
-        return memo[stamp]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 23), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
-    if memo is not None:
-        memo[stamp] = digest
-    return digest
-
-
-def files_fingerprint(root: Path, files: list[Path], cache: Path | None = None) -> str:
-    """sha256 over (relative name, content sha256) of `files`; digests memoized under `cache`."""
-    memo_file = cache / "digests.json" if cache is not None else None
-    memo: dict[str, str] = {}
-    if memo_file is not None and memo_file.is_file():
-        try:
-            memo = json.loads(memo_file.read_text())
-        except (OSError, ValueError):
-            memo = {}
-    h = hashlib.sha256()
-    for f in sorted(files):
-        h.update(f"{f.relative_to(root).as_posix()}\0{file_digest(f, memo)}\n".encode())
-    if memo_file is not None:
-        try:
-            memo_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(memo))
-            os.replace(tmp, memo_file)
-        except OSError:
-            pass  # a read-only cache only costs re-hashing next time
-    return h.hexdigest()
-
-
 def weight_files(folder: Path) -> list[Path]:
     """The files of a diffusers folder that define the model (not b_psi/ or evaluator/)."""
     files = [folder / "model_index.json"] if (folder / "model_index.json").is_file() else []
@@ -177,7 +135,7 @@ def prior_folder(prior_cfg: ml_collections.ConfigDict) -> Path | None:
 
         return Path(prior_cfg.path).expanduser() if prior_cfg.path else embedded_path()
     if prior_cfg.name == "sd":
-        from lmc_jax.priors.sd import resolve_folder
+        from lmc_jax.priors.sd_load import resolve_folder
 
         return resolve_folder(prior_cfg.path, revision=prior_cfg.get("revision", "") or None)
     return None

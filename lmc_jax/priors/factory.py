@@ -47,7 +47,7 @@ def _build(cfg: ml_collections.ConfigDict) -> Prior:
         return gaussian_prior(resolution=cfg.resolution, variance=cfg.variance,
                               classes=pattern_classes(cfg.resolution))
     if cfg.name == "tiny_sd":
-        from lmc_jax.priors.sd import tiny_sd_prior
+        from lmc_jax.priors.sd_tiny import tiny_sd_prior
 
         return tiny_sd_prior(seed=cfg.seed, image_size=cfg.resolution, dtype=cfg.dtype,
                              attention=cfg.attention)
@@ -56,7 +56,7 @@ def _build(cfg: ml_collections.ConfigDict) -> Prior:
 
         return embedded_prior(dtype=cfg.dtype, path=cfg.path or None, attention=cfg.attention)
     if cfg.name == "sd":
-        from lmc_jax.priors.sd import load_stable_diffusion
+        from lmc_jax.priors.sd_load import load_stable_diffusion
 
         return load_stable_diffusion(cfg.path, dtype=cfg.dtype, from_pt=cfg.from_pt,
                                      attention=cfg.attention,

@@ -24,82 +24,23 @@ Backends built here, all through `make_sd_prior`:
 
 from __future__ import annotations
 
-import functools
-import json
-import os
-import re
-import socket
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
 
-from lmc_jax import _compat, schedule
+from lmc_jax import schedule
 from lmc_jax.errors import UserError
 from lmc_jax.priors.attention import fast_attention
 from lmc_jax.priors.base import Prior
-from lmc_jax.priors.tokenizer import byte_tokenizer_path
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 DEFAULT_VAE_SCALING = 0.18215
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 ATTENTION_IMPLS = ("late_norm", "diffusers")
-
-WEIGHTS_HINT = (
-    "on a connected machine run `huggingface-cli download stabilityai/stable-diffusion-2-1-base "
-    "--local-dir /path/sd21`, copy the folder here and pass --config.prior.path=/path/sd21 "
-    "(the ':tiny' config presets need no weights)"
-)
-_PT_HINT = ("; if the model ships only PyTorch weights (*.safetensors), pass from_pt=True "
-            "(--config.prior.from_pt=True)")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-# The tiny SD-architecture pipeline (random weights; same classes as the real model).
-TINY_UNET = dict(
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    cross_attention_dim=32,
-    attention_head_dim=8,
-)
-TINY_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=32,
-    scaling_factor=DEFAULT_VAE_SCALING,
-)
-TINY_TEXT = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=77,
-)
-TINY_SCHEDULER = {
-    "_class_name": "FlaxDDPMScheduler",
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "clip_sample": False,
-    "trained_betas": None,
-}
-
 
 def _jnp_dtype(dtype: str) -> Any:
     if dtype not in DTYPES:
@@ -296,380 +237,25 @@ def make_sd_prior(unet: Any, vae: Any | None, text_encoder: Any, tokenizer: Any,
     )
 
 
-# ----------------------------------------------------------------------------------------------
-# Loading a diffusers folder or hub id.
+# Names that moved to sd_load / sd_tiny stay importable from here (loaded on first use: those
+# modules import this one).
+_MOVED = {
+    "sd_load": ("WEIGHTS_HINT", "load_stable_diffusion", "resolve_folder", "pytorch_weight_files",
+                "single_file_command", "_hub_reachable", "_read_json", "_first_line"),
+    "sd_tiny": ("TINY_UNET", "TINY_VAE", "TINY_TEXT", "TINY_SCHEDULER", "PNDM_SCHEDULER",
+                "_random_params", "random_pipeline", "tiny_sd_prior", "save_pipeline",
+                "save_tiny_pipeline", "save_pytorch_pipeline", "save_tiny_pytorch_pipeline",
+                "pytorch_state_dict"),
+}
 
 
-def load_stable_diffusion(path: str, *, dtype: str = "float32", from_pt: bool = False,
-                          attention: str = "late_norm",
-                          revision: str | None = None, cache_dir: str | None = None) -> Prior:
-    """Loads a diffusers-layout Stable Diffusion (1.x/2.x) pipeline as a latent `Prior`.
+def __getattr__(name: str) -> Any:
+    import importlib
 
-    A pipeline whose model_index.json sets `"vae": [null, null]` has no VAE: its UNet works on
-    RGB pixels and the result is a pixel `Prior` (the embedded prior, `lmc_jax.priors.embedded`).
-
-    Args:
-      path: a local folder with unet/, vae/, text_encoder/, tokenizer/, scheduler/, or a Hub id
-        such as 'stabilityai/stable-diffusion-2-1-base' (needs network or the local HF cache).
-      dtype: 'float32' or 'bfloat16'.
-      from_pt: read PyTorch weights (`*.safetensors`, or `*.bin` with torch installed) instead of
-        Flax `*.msgpack`; for checkpoints that ship no Flax weights (from the Hub: safetensors).
-      attention: see `make_sd_prior`.
-      revision: Hub branch/tag/commit (ignored for local folders).
-    """
-    _jnp_dtype(dtype)
-    folder = _resolve_folder(str(path), revision=revision, from_pt=from_pt)
-    pixel = _declares_no_vae(folder)
-    needed = [c for c in COMPONENTS if not (pixel and c == "vae")]
-    missing = [c + "/" for c in needed if not (folder / c).is_dir()]
-    if missing:
-        raise UserError(
-            f"{path!r} is not a complete diffusers Stable Diffusion folder: it has no "
-            f"{', '.join(missing)} (needs {', '.join(c + '/' for c in needed)}); {WEIGHTS_HINT}"
-        )
-    d, tr = _compat.diffusers(), _compat.transformers()
-    unet, unet_params = _load_diffusers_model(d.FlaxUNet2DConditionModel, folder / "unet", from_pt)
-    vae, vae_params = (None, None) if pixel else _load_diffusers_model(
-        d.FlaxAutoencoderKL, folder / "vae", from_pt)
-    text_encoder, text_params = _load_text_encoder(folder / "text_encoder", from_pt)
-    try:
-        tokenizer = tr.CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
-    except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"cannot read the tokenizer in {folder / 'tokenizer'} "
-                        f"(CLIPTokenizer needs vocab.json and merges.txt): {_first_line(e)}") from e
-    scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
-    params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_params}
-    return make_sd_prior(unet, vae, text_encoder, tokenizer, params, scheduler_config,
-                         dtype=dtype, name=f"sd:{path}:{dtype}", attention=attention)
+    for module, names in _MOVED.items():
+        if name in names:
+            return getattr(importlib.import_module(f"lmc_jax.priors.{module}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _declares_no_vae(folder: Path) -> bool:
-    """True when model_index.json exists and names no VAE (a pixel-space pipeline)."""
-    index = folder / "model_index.json"
-    if not index.is_file():
-        return False
-    entry = _read_json(index).get("vae", "absent")
-    return entry is None or (isinstance(entry, list) and all(v is None for v in entry))
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def _read_json(file: Path) -> dict[str, Any]:
-    if not file.is_file():
-        raise UserError(f"{file} is missing; a diffusers folder has it (re-download the model)")
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{file} is not valid JSON: {e}") from e
-
-
-def resolve_folder(path: str, *, revision: str | None = None) -> Path:
-    """The local folder of a prior path: the folder itself, or a Hub id's cached snapshot."""
-    return _resolve_folder(str(path), revision=revision, from_pt=True)
-
-
-def _resolve_folder(path: str, *, revision: str | None, from_pt: bool) -> Path:
-    """A local folder as is; a Hub id -> its local snapshot (downloaded if the Hub is reachable)."""
-    local = Path(path).expanduser()
-    if local.is_dir():
-        return local
-    if local.exists():
-        raise UserError(f"prior path {path!r} is a file; pass the diffusers folder that holds "
-                        f"{', '.join(c + '/' for c in COMPONENTS)}")
-    if not _HUB_ID.fullmatch(path):
-        raise UserError(f"Stable Diffusion weights not found: {path!r} does not exist; "
-                        f"{WEIGHTS_HINT}")
-    try:
-        return Path(_snapshot(path, revision=revision, from_pt=from_pt))
-    except Exception as e:  # offline, unknown repo, bad revision, auth: all end the same way
-        raise UserError(
-            f"Stable Diffusion weights not found: {path!r} is not a local folder and could not be "
-            f"fetched from the Hugging Face Hub ({type(e).__name__}); {WEIGHTS_HINT}"
-        ) from e
-
-
-def _snapshot(repo_id: str, *, revision: str | None, from_pt: bool) -> str:
-    """Downloads only what the loader reads; from the local HF cache alone when offline."""
-    import huggingface_hub
-
-    patterns = ["model_index.json", "*/config.json", "scheduler/*.json", "tokenizer/*"]
-    if from_pt:
-        patterns += ["unet/diffusion_pytorch_model.safetensors",
-                     "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"]
-    else:
-        patterns += ["unet/diffusion_flax_model.msgpack", "vae/diffusion_flax_model.msgpack",
-                     "text_encoder/flax_model.msgpack"]
-    return huggingface_hub.snapshot_download(
-        repo_id, revision=revision, allow_patterns=patterns,
-        local_files_only=not _hub_reachable(huggingface_hub.constants.ENDPOINT))
-
-
-def _hub_reachable(endpoint: str) -> bool:
-    """False when the Hub's host does not even resolve (offline): avoids ~25 s of HTTP retries."""
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    host = urlparse(endpoint).hostname
-    try:
-        socket.getaddrinfo(host, 443)
-    except (OSError, UnicodeError):
-        return False
-    return True
-
-
-class _ShapeOnly:
-    """Stands in for a model in the PyTorch->Flax converters, which only read parameter shapes.
-
-    diffusers' converter would otherwise initialize the full model eagerly (minutes for the SD
-    UNet on CPU), and transformers' needs `_do_init=True`.
-    """
-
-    def __init__(self, shapes: Any, base_model_prefix: str = ""):
-        self.params = shapes
-        self.base_model_prefix = base_model_prefix
-
-    def init_weights(self, rng: Any) -> Any:
-        del rng
-        return self.params
-
-
-def _read_pt_state(folder: Path, stem: str) -> dict[str, np.ndarray]:
-    """PyTorch weights `<stem>.safetensors` (no torch needed) or `<stem>.bin` (torch)."""
-    st, pt = folder / f"{stem}.safetensors", folder / f"{stem}.bin"
-    if st.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(st), framework="np") as f:
-            return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
-    if pt.is_file():
-        try:
-            import torch
-        except ImportError as e:
-            raise UserError(f"{pt} is a PyTorch pickle and torch is not installed; install torch "
-                            f"or use the {stem}.safetensors file of the same model") from e
-        state = torch.load(str(pt), map_location="cpu", weights_only=True)
-        return {k: v.float().numpy() for k, v in state.items()}
-    raise UserError(f"from_pt=True but {folder} has neither {st.name} nor {pt.name}")
-
-
-def _check_params(expected: Any, params: Any, folder: Path) -> dict[str, Any]:
-    """Keeps the expected weights; a missing one or a wrong shape is a UserError."""
-    want = flatten_dict(dict(expected))
-    got = flatten_dict(dict(params))
-    missing = [k for k in want if k not in got]
-    if missing:
-        raise UserError(f"{folder}: the checkpoint lacks {len(missing)} of {len(want)} weights "
-                        f"(e.g. {'/'.join(missing[0])}); it does not match {folder}/config.json")
-    for k, spec in want.items():
-        if tuple(got[k].shape) != tuple(spec.shape):
-            raise UserError(f"{folder}: weight {'/'.join(k)} has shape {tuple(got[k].shape)} but "
-                            f"config.json implies {tuple(spec.shape)}")
-    return unflatten_dict({k: got[k] for k in want})
-
-
-def _load_diffusers_model(cls: Any, folder: Path, from_pt: bool) -> tuple[Any, Any]:
-    """(module, params) for a diffusers Flax model folder (config.json + weights)."""
-    if not (folder / "config.json").is_file():
-        raise UserError(f"{folder} has no config.json; is it a diffusers model folder?")
-    flax_file = folder / "diffusion_flax_model.msgpack"
-    try:
-        if from_pt:
-            model = cls.from_config(cls.load_config(str(folder)))
-            shapes = jax.eval_shape(model.init_weights, jax.random.PRNGKey(0))
-            from diffusers.models.modeling_flax_pytorch_utils import (
-                convert_pytorch_state_dict_to_flax,
-            )
-
-            state = _read_pt_state(folder, "diffusion_pytorch_model")
-            params = convert_pytorch_state_dict_to_flax(
-                {k: _AsNumpy(v) for k, v in state.items()}, _ShapeOnly(shapes))
-            return model, _check_params(shapes, params, folder)
-        if not flax_file.is_file():
-            has_pt = any((folder / f"diffusion_pytorch_model.{e}").is_file()
-                         for e in ("safetensors", "bin"))
-            raise UserError(f"{folder} has no {flax_file.name}" + (
-                "; it has PyTorch weights: pass from_pt=True (--config.prior.from_pt=True)"
-                if has_pt else _PT_HINT))
-        model, params = cls.from_pretrained(str(folder), dtype=jnp.float32)
-        shapes = jax.eval_shape(model.init_weights, jax.random.PRNGKey(0))
-        return model, _check_params(shapes, params, folder)
-    except UserError:
-        raise
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load {folder}: {_first_line(e)}") from e
-
-
-class _AsNumpy:
-    """Wraps an array so that diffusers' converter can call `.numpy()` on it like on a tensor."""
-
-    def __init__(self, array: np.ndarray):
-        self.array = array
-
-    def numpy(self) -> np.ndarray:
-        return self.array
-
-
-def _load_text_encoder(folder: Path, from_pt: bool) -> tuple[Any, Any]:
-    """(FlaxCLIPTextModel, params) from flax_model.msgpack or PyTorch weights."""
-    tr = _compat.transformers()
-    if not (folder / "config.json").is_file():
-        raise UserError(f"{folder} has no config.json; is it a transformers model folder?")
-    try:
-        if from_pt or not (folder / "flax_model.msgpack").is_file():
-            if not from_pt and not (folder / "model.safetensors").is_file():
-                raise UserError(f"{folder} has no flax_model.msgpack" + (
-                    "; it has PyTorch weights: pass from_pt=True (--config.prior.from_pt=True)"
-                    if (folder / "pytorch_model.bin").is_file() else _PT_HINT))
-            from transformers.modeling_flax_pytorch_utils import (
-                convert_pytorch_state_dict_to_flax,
-            )
-
-            config = tr.CLIPTextConfig.from_pretrained(str(folder))
-            model = tr.FlaxCLIPTextModel(config, _do_init=False)
-            shapes = model.params_shape_tree
-            state = _read_pt_state(folder, "model" if (folder / "model.safetensors").is_file()
-                                   else "pytorch_model")
-            params = convert_pytorch_state_dict_to_flax(
-                state, _ShapeOnly(shapes, model.base_model_prefix))
-            return model, _check_params(shapes, params, folder)
-        model, params = tr.FlaxCLIPTextModel.from_pretrained(str(folder), _do_init=False)
-        return model, _check_params(model.params_shape_tree, params, folder)
-    except UserError:
-        raise
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load {folder}: {_first_line(e)}") from e
-
-
-# ----------------------------------------------------------------------------------------------
-# The tiny random-init pipeline.
-
-
-def _random_params(shapes: Any, seed: int, stream: int) -> Any:
-    """Host float32 weights for a shape tree, like Flax's defaults, from numpy's PCG64.
-
-    kernels ~ N(0, 1/fan_in) (LeCun normal), embeddings ~ N(0, 1), biases 0, norm scales 1.
-    Deterministic on every platform, and ~50x faster than compiling the modules' `init`
-    (jitted threefry init of the tiny UNet takes 20-30 s on 2 CPU cores).
-    """
-    rng = np.random.default_rng([seed, stream])
-
-    def leaf(path, spec):
-        kind, shape = path[-1].key, tuple(spec.shape)
-        if kind == "bias":
-            return np.zeros(shape, np.float32)
-        if kind == "scale":
-            return np.ones(shape, np.float32)
-        if kind == "embedding":
-            return rng.standard_normal(shape, np.float32)
-        if kind == "kernel":
-            fan_in = int(np.prod(shape[:-1]))
-            return rng.standard_normal(shape, np.float32) / np.float32(np.sqrt(fan_in))
-        raise ValueError(f"no initializer for parameter {jax.tree_util.keystr(path)}")
-
-    return jax.tree_util.tree_map_with_path(leaf, dict(shapes))
-
-
-def random_pipeline(unet_config: dict[str, Any], vae_config: dict[str, Any],
-                    text_config: dict[str, Any], seed: int = 0) -> tuple[Any, ...]:
-    """(unet, vae, text_encoder, tokenizer, host float32 params) of an SD architecture given by
-    the three models' config keys, with random weights (`_random_params`) and the byte
-    tokenizer (`text_config`'s vocab_size defaults to the tokenizer's length).
-
-    The tiny prior below uses it, and benchmarks/t23d_step.py builds SD 2.1-base's real-size
-    architecture with it (no download: the cost of a step does not depend on the weights).
-    """
-    d, tr = _compat.diffusers(), _compat.transformers()
-    tokenizer = tr.CLIPTokenizer.from_pretrained(str(byte_tokenizer_path()))
-    unet = d.FlaxUNet2DConditionModel(**unet_config)
-    vae = d.FlaxAutoencoderKL(**vae_config)
-    text_encoder = tr.FlaxCLIPTextModel(tr.CLIPTextConfig(**{
-        "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-        **text_config}), _do_init=False)
-    key = jax.random.PRNGKey(0)  # only shapes are read
-    params = {
-        "unet": _random_params(jax.eval_shape(unet.init_weights, key), seed, 0),
-        "vae": _random_params(jax.eval_shape(vae.init_weights, key), seed, 1),
-        "text_encoder": _random_params(text_encoder.params_shape_tree, seed, 2),
-    }
-    return unet, vae, text_encoder, tokenizer, params
-
-
-@functools.cache
-def _tiny_pipeline(seed: int, image_size: int) -> tuple[Any, ...]:
-    """(unet, vae, text_encoder, tokenizer, host params, scheduler config), float32."""
-    if image_size < 8 or image_size % 4:
-        raise UserError(f"tiny SD image_size {image_size} must be a multiple of 4 and >= 8 "
-                        "(latents are image_size/2 and the UNet halves them once)")
-    parts = random_pipeline(dict(TINY_UNET, sample_size=image_size // 2),
-                            dict(TINY_VAE, sample_size=image_size), TINY_TEXT, seed)
-    return (*parts, dict(TINY_SCHEDULER))
-
-
-def tiny_sd_prior(seed: int = 0, image_size: int = 64, dtype: str = "float32",
-                  attention: str = "late_norm") -> Prior:
-    """A random-init SD-architecture prior: 4 x image_size/2 x image_size/2 latents (4x32x32).
-
-    Same classes and code path as real Stable Diffusion (UNet with cross-attention, KL VAE with
-    one downsampling, CLIP text encoder on the byte tokenizer, so prompts are cut after about 75
-    UTF-8 bytes), about 1.5M weights. Cached: the same arguments return the same `Prior` (and
-    its compiled functions) in one process.
-    """
-    return _tiny_sd_prior(int(seed), int(image_size), str(dtype), str(attention))
-
-
-@functools.cache
-def _tiny_sd_prior(seed: int, image_size: int, dtype: str, attention: str) -> Prior:
-    *modules, params, scheduler_config = _tiny_pipeline(seed, image_size)
-    return make_sd_prior(*modules, params, scheduler_config, dtype=dtype,
-                         name=f"tiny_sd(seed={seed},{image_size}px,{dtype})", attention=attention)
-
-
-def save_pipeline(directory: str | os.PathLike, unet: Any, vae: Any | None, text_encoder: Any,
-                  tokenizer: Any, params: dict[str, Any], scheduler_config: dict[str, Any]
-                  ) -> Path:
-    """Writes a diffusers folder that `load_stable_diffusion` reads; `vae=None` writes a
-    pixel-space pipeline (model_index.json: `"vae": [null, null]`)."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    d = _compat.diffusers()
-    unet.save_pretrained(out / "unet", params=params["unet"])
-    if vae is not None:
-        vae.save_pretrained(out / "vae", params=params["vae"])
-    text_encoder.save_pretrained(out / "text_encoder", params=params["text_encoder"])
-    tokenizer.save_pretrained(out / "tokenizer")
-    (out / "scheduler").mkdir(exist_ok=True)
-    scheduler = {**scheduler_config, "_diffusers_version": d.__version__}
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-    index = {
-        "_class_name": "FlaxStableDiffusionPipeline",
-        "_diffusers_version": d.__version__,
-        "unet": ["diffusers", "FlaxUNet2DConditionModel"],
-        "vae": [None, None] if vae is None else ["diffusers", "FlaxAutoencoderKL"],
-        "text_encoder": ["transformers", "FlaxCLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "FlaxDDPMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-    }
-    (out / "model_index.json").write_text(json.dumps(index, indent=2))
-    return out
-
-
-def save_tiny_pipeline(directory: str | os.PathLike, seed: int = 0, image_size: int = 64) -> Path:
-    """Writes the tiny pipeline as a diffusers folder that `load_stable_diffusion` reads."""
-    unet, vae, text_encoder, tokenizer, params, scheduler_config = _tiny_pipeline(
-        int(seed), int(image_size))
-    return save_pipeline(directory, unet, vae, text_encoder, tokenizer, params, scheduler_config)
-
-
-__all__ = [
-    "alphas_cumprod_from_config",
-    "load_stable_diffusion",
-    "make_sd_prior",
-    "save_pipeline",
-    "save_tiny_pipeline",
-    "tiny_sd_prior",
-]
+__all__ = ["alphas_cumprod_from_config", "closed_vocabulary_check", "make_sd_prior"]

@@ -449,7 +449,7 @@ def write_assets(workdir, density_fn, albedo_fn, resolution=128, bound=1.0,
     z-up axes (as Blender's PLY importer expects).
 
     Returns:
-      `{"mesh_vertices", "mesh_faces", "mesh_threshold", "texture_size", "mesh_files"}`, or,
+      `{"mesh_vertices", "mesh_faces", "mesh_threshold", "texture_size", "no_surface"}`, or,
       when there is no surface (`NoSurfaceError`), `mesh_vertices = mesh_faces = 0`,
       `no_surface: True` and `no_surface_reason`.
     """
@@ -468,8 +468,7 @@ def write_assets(workdir, density_fn, albedo_fn, resolution=128, bound=1.0,
              "ply": os.path.join(workdir, "mesh.ply")}
     write_ply(files["ply"], v, f, c)
     return {"mesh_vertices": len(v), "mesh_faces": len(f), "mesh_threshold": mesh["threshold"],
-            "texture_size": texture_size, "no_surface": False,
-            "mesh_files": {k: os.path.basename(p) for k, p in files.items()}}
+            "texture_size": texture_size, "no_surface": False}
 
 
 def write_field_assets(workdir, field, params, resolution=128, bound=1.0,

@@ -200,8 +200,8 @@ def matrix(b: Bench) -> None:
     cases = [
         ("unknown key", lambda n: os.path.join(tmp, n), {"stpes": 3}, {}),
         ("unknown nested key", lambda n: os.path.join(tmp, n), {"guidance.wieght": 3}, {}),
-        ("empty prompt", lambda n: os.path.join(tmp, n), {"prompt": "' '"}, {}),
-        ("unknown prompt word", lambda n: os.path.join(tmp, n), {"prompt": "'a purple zebra'"},
+        ("empty prompt", lambda n: os.path.join(tmp, n), {"prompt": " "}, {}),
+        ("unknown prompt word", lambda n: os.path.join(tmp, n), {"prompt": "a purple zebra"},
          {}),
         ("steps=0", lambda n: os.path.join(tmp, n), {"steps": 0}, {}),
         ("batch=0", lambda n: os.path.join(tmp, n), {"batch": 0}, {}),

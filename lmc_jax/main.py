@@ -5,9 +5,9 @@ lists the apps, their presets and the most used keys. The config's `app` key nam
 in `lmc_jax.apps` that runs it. Bad input (an unknown key, an empty prompt, a missing weights
 folder, a busy or unwritable workdir, a full disk, ...) ends the run with one `error:` line and
 exit status 2, and a refused run leaves the workdir as it was (`lmc_jax.workdir`). A preempted
-run (SIGTERM/SIGINT, at any time from process start) saves what it can and exits with status
-143 (`lmc_jax.checkpoint.EXIT_PREEMPTED`); the same command resumes it. Third-party INFO logs
-(Orbax, JAX) are shown only with `--verbosity=1` or more.
+run (SIGTERM at any time from process start; SIGINT in the train loop) saves what it can and
+exits with status 143 (`lmc_jax.checkpoint.EXIT_PREEMPTED`); the same command resumes it.
+Third-party INFO logs (Orbax, JAX) are shown only with `--verbosity=1` or more.
 """
 
 from __future__ import annotations

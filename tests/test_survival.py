@@ -154,6 +154,40 @@ def test_shape_changing_config_is_refused_with_the_keys(t23d_runs, bias_runs, tm
     _assert_same(params, bias_runs["params_full"])
 
 
+def _tree(path: str) -> dict:
+    out = {}
+    for d, dirs, files in os.walk(path):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(d, name), path)] = None
+        for name in files:
+            with open(os.path.join(d, name), "rb") as f:
+                out[os.path.relpath(os.path.join(d, name), path)] = f.read()
+    return out
+
+
+def test_refused_runs_leave_the_workdir_as_it_was(t23d_runs, tmp_path):
+    """Through lmc_jax.main: a resume that changes field.width keeps the folder's config.json
+    and everything else byte for byte; an unknown prompt leaves no workdir behind."""
+    from lmc_jax import main
+
+    wd = str(tmp_path / "cut")
+    shutil.copytree(t23d_runs["cut"], wd)
+    with open(os.path.join(wd, "config.json"), "w") as f:
+        f.write(t23d_config().to_json_best_effort(indent=2) + "\n")
+    before = _tree(wd)
+    c = t23d_config()
+    c.field.width = 32
+    with pytest.raises(UserError, match=r"field\.width: 16 -> 32"):
+        main.train_and_evaluate(c, wd)
+    assert _tree(wd) == before
+    c = t23d_config()
+    c.prompt = "a purple zebra"
+    new = tmp_path / "new"
+    with pytest.raises(UserError, match="zebra|purple"):
+        main.train_and_evaluate(c, str(new))
+    assert not new.exists()
+
+
 def test_resume_config_check_allows_steps_logging_and_outputs():
     saved = {"steps": 10, "log_every": 5, "output": {"video_size": 64}, "field": {"width": 16}}
     new = {"steps": 20, "log_every": 1, "output": {"video_size": 128}, "field": {"width": 16}}

@@ -21,15 +21,23 @@ uint8 round trip does); `(x - mean) / std` with CLIP's mean/std (or those of the
 preprocessor_config.json); NCHW. Prompts are tokenized with the folder's `CLIPTokenizer`, padded
 to `min(model_max_length, max_position_embeddings)` and truncated.
 
-`load_clip(path)` takes a local folder (config.json, flax_model.msgpack or model.safetensors,
-the tokenizer files) or a Hub id such as 'openai/clip-vit-large-patch14', and returns a
-`ClipModel`, or an `Unavailable` whose reason names the path and the fix; it never raises.
+`load_clip(path)` takes a local folder (config.json, Flax weights `flax_model.msgpack` or PyTorch
+weights `model.safetensors` / `pytorch_model.bin`, which are converted once and cached like the
+Stable Diffusion weights, see `lmc_jax.priors.sd_load`; the tokenizer files) or a Hub id such as
+'openai/clip-vit-large-patch14', and returns a `ClipModel`, or an `Unavailable` whose reason
+names the path and the fix; it never raises.
+
+`clip_view_metrics(views, prompt, clip)` gives an application's CLIP figures for its renders
+(text-to-3D orbit views, synthesized images): CLIP score against the prompt and CLIP R-precision
+against a prompt set (`DEFAULT_PROMPT_SET` plus the prompt, as DreamFusion reports it); a figure
+that cannot be computed is printed as a warning line and recorded as "unavailable: <reason>".
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -187,7 +195,8 @@ class _NotLoadable(Exception):
     """Internal: carries the reason that `load_clip` turns into an `Unavailable`."""
 
 
-def load_clip(path: str, *, revision: str | None = None) -> ClipModel | Unavailable:
+def load_clip(path: str, *, revision: str | None = None,
+              cache_dir: str | None = None) -> ClipModel | Unavailable:
     """A CLIP model from a local folder or Hub id, or `Unavailable('clip', reason)`; never raises.
 
     Args:
@@ -195,10 +204,11 @@ def load_clip(path: str, *, revision: str | None = None) -> ClipModel | Unavaila
         needs torch) and the CLIPTokenizer files (vocab.json, merges.txt), optionally
         preprocessor_config.json; or a Hub id (needs network or the local HF cache).
       revision: Hub branch/tag/commit (ignored for local folders).
+      cache_dir: where weights converted from PyTorch are cached (`lmc_jax.cache.cache_root`).
     """
     try:
         folder = _resolve_folder(str(path), revision)
-        return _load_folder(folder, name=f"clip:{path}")
+        return _load_folder(folder, name=f"clip:{path}", cache_dir=cache_dir)
     except _NotLoadable as e:
         return Unavailable("clip", str(e))
     except Exception as e:  # a metric must not end the run: any load failure becomes a reason
@@ -226,7 +236,7 @@ def _snapshot(repo_id: str, revision: str | None) -> Path:
     """Downloads only what the loader reads (Flax weights, else safetensors); cache-only offline."""
     import huggingface_hub
 
-    from lmc_jax.priors.sd import _hub_reachable
+    from lmc_jax.priors.sd_load import _hub_reachable
 
     offline = not _hub_reachable(huggingface_hub.constants.ENDPOINT)
     common = ["config.json", "preprocessor_config.json", *_TOKENIZER_FILES]
@@ -240,13 +250,50 @@ def _snapshot(repo_id: str, revision: str | None) -> Path:
     return folder
 
 
-def _load_folder(folder: Path, name: str) -> ClipModel:
+def _safetensors_format(file: Path) -> str:
+    """The `format` metadata of a safetensors file ('pt', 'flax', ...; '' if absent/missing)."""
+    if not file.is_file():
+        return ""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="np") as f:
+        return str((f.metadata() or {}).get("format", "pt"))
+
+
+def _from_pytorch(module: Any, folder: Path, cache_dir: str | None) -> Any:
+    """Flax params of a PyTorch CLIP folder (model[.fp16].safetensors or pytorch_model.bin)."""
+    from lmc_jax.cache import cache_root
+    from lmc_jax.priors.sd_load import (
+        _converted,
+        _read_pt_files,
+        _ShapeOnly,
+        pytorch_weight_files,
+    )
+
+    files = pytorch_weight_files(folder, "model") or pytorch_weight_files(folder,
+                                                                         "pytorch_model")
+    if not files:
+        raise _NotLoadable(f"{folder} has no CLIP weights (flax_model.msgpack, model.safetensors "
+                           f"or pytorch_model.bin); {CLIP_HINT}")
+
+    def convert():
+        from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+
+        return convert_pytorch_state_dict_to_flax(
+            _read_pt_files(files), _ShapeOnly(module.params_shape_tree, module.base_model_prefix))
+
+    return _converted(folder, files, cache_root(cache_dir), convert)
+
+
+def _load_folder(folder: Path, name: str, cache_dir: str | None = None) -> ClipModel:
     tr = _compat.transformers()
     if not (folder / "config.json").is_file():
         raise _NotLoadable(f"{folder} has no config.json; is it a transformers CLIP folder? "
                            f"{CLIP_HINT}")
     has = {f: (folder / f).is_file()
-           for f in ("flax_model.msgpack", "model.safetensors", "pytorch_model.bin")}
+           for f in ("flax_model.msgpack", "model.safetensors", "pytorch_model.bin",
+                     "model.fp16.safetensors", "pytorch_model.bin.index.json",
+                     "model.safetensors.index.json")}
     if not any(has.values()):
         raise _NotLoadable(f"{folder} has no CLIP weights (flax_model.msgpack, model.safetensors "
                            f"or pytorch_model.bin); {CLIP_HINT}")
@@ -254,9 +301,11 @@ def _load_folder(folder: Path, name: str) -> ClipModel:
     if missing:
         raise _NotLoadable(f"{folder} has no {', '.join(missing)} (the CLIPTokenizer files); "
                            f"{CLIP_HINT}")
-    from_pt = not (has["flax_model.msgpack"] or has["model.safetensors"])
-    module, params = tr.FlaxCLIPModel.from_pretrained(str(folder), _do_init=False,
-                                                      from_pt=from_pt)
+    if has["flax_model.msgpack"] or _safetensors_format(folder / "model.safetensors") == "flax":
+        module, params = tr.FlaxCLIPModel.from_pretrained(str(folder), _do_init=False)
+    else:  # PyTorch weights: converted by transformers' own converter, cached by file content
+        module = tr.FlaxCLIPModel(tr.CLIPConfig.from_pretrained(str(folder)), _do_init=False)
+        params = _from_pytorch(module, folder, cache_dir)
     params = _checked(module.params_shape_tree, params, folder)
     tokenizer = tr.CLIPTokenizer.from_pretrained(str(folder))
     cfg = module.config
@@ -309,14 +358,76 @@ def _checked(expected: Any, params: Any, folder: Path) -> Any:
     return jax.tree_util.tree_map(leaf, params)
 
 
+# Candidate captions for CLIP R-precision: object-centric, varied, in the style of the COCO
+# captions DreamFusion ranks against (written for lmc_jax, not taken from a dataset).
+DEFAULT_PROMPT_SET = (
+    "a DSLR photo of a red fox", "a DSLR photo of a squirrel", "a DSLR photo of a teddy bear",
+    "a DSLR photo of a hamburger", "a DSLR photo of a pineapple", "a DSLR photo of an owl",
+    "a DSLR photo of a chair", "a DSLR photo of a motorcycle", "a DSLR photo of a frog",
+    "a DSLR photo of a cup of coffee", "a DSLR photo of a corgi", "a DSLR photo of a robot",
+    "a DSLR photo of a car", "a DSLR photo of a castle", "a DSLR photo of a tree",
+    "a DSLR photo of a vase of flowers", "a DSLR photo of a banana", "a DSLR photo of a penguin",
+    "a DSLR photo of a lamp", "a DSLR photo of an elephant", "a DSLR photo of a birthday cake",
+    "a DSLR photo of a sneaker", "a DSLR photo of a guitar", "a DSLR photo of a rabbit",
+    "a DSLR photo of a skull", "a DSLR photo of a sailboat", "a DSLR photo of an ice cream cone",
+    "a DSLR photo of a dragon", "a DSLR photo of a house", "a DSLR photo of a lion",
+)
+
+
+def prompt_set_with(prompt: str, prompt_set: Sequence[str] | None = None
+                    ) -> tuple[list[str], int]:
+    """(candidates, index of `prompt`): the set (default `DEFAULT_PROMPT_SET`) with `prompt`
+    added unless it is in it already."""
+    cands = list(DEFAULT_PROMPT_SET if not prompt_set else prompt_set)
+    if prompt not in cands:
+        cands.append(prompt)
+    return cands, cands.index(prompt)
+
+
+def clip_view_metrics(views: Any, prompt: str, clip: ClipModel | Unavailable | str,
+                      prompt_set: Sequence[str] | None = None, k: int = 1,
+                      cache_dir: str | None = None) -> dict[str, Any]:
+    """CLIP figures of an application's renders against its prompt.
+
+    Args:
+      views: [N, H, W, 3] in [-1, 1] (orbit views of a 3D scene, or N synthesized images).
+      prompt: what the renders should show.
+      clip: a loaded `ClipModel`, an `Unavailable`, or a path for `load_clip` ('' = not set).
+      prompt_set: R-precision's candidates (`prompt_set_with`).
+      k: R-precision's top-k.
+
+    Returns `{"clip_score": mean over views of 100 max(cos, 0), "clip_r_precision": fraction of
+    views whose prompt ranks in the top k, "clip_prompt_set_size": M}`; when CLIP cannot be
+    loaded, both figures are "unavailable: <reason>" and a warning line says so.
+    """
+    if isinstance(clip, str):
+        clip = load_clip(clip, cache_dir=cache_dir) if clip else Unavailable(
+            "clip", "no CLIP weights given (set --config.clip_path=DIR)")
+    if isinstance(clip, Unavailable):
+        print(f"WARNING: CLIP metrics not computed: {clip.reason}", flush=True)
+        logging.warning("CLIP metrics not computed: %s", clip.reason)
+        return {"clip_score": str(clip), "clip_r_precision": str(clip)}
+    cands, true = prompt_set_with(prompt, prompt_set)
+    img = image_features(clip, views)
+    txt = text_features(clip, cands)
+    n = img.shape[0]
+    score = clip_score_from_features(img, jnp.broadcast_to(txt[true], img.shape))
+    return {"clip_score": float(jnp.mean(score)),
+            "clip_r_precision": r_precision_from_features(img, txt, np.full(n, true), k),
+            "clip_prompt_set_size": len(cands)}
+
+
 __all__ = [
+    "DEFAULT_PROMPT_SET",
     "ClipModel",
+    "clip_view_metrics",
     "clip_score",
     "clip_score_from_features",
     "cosine_similarity",
     "image_features",
     "load_clip",
     "preprocess",
+    "prompt_set_with",
     "r_precision",
     "r_precision_from_features",
     "text_features",

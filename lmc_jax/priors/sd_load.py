@@ -345,7 +345,7 @@ def _converted(folder: Path, files: list[Path], cache: Path, convert) -> Any:
 
         tmp = entry.with_name(f"{entry.name}.tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
-        flat = {"/".join(k): np.ascontiguousarray(np.asarray(v))
+        flat = {"/".join(k): np.array(v, order="C")
                 for k, v in flatten_dict(dict(params)).items()}
         save_file(flat, str(tmp / "flax.safetensors"))
         (tmp / "source.json").write_text(json.dumps(

@@ -218,7 +218,7 @@ def pytorch_state_dict(params: Any) -> dict[str, np.ndarray]:
             v, leaf = (v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T), "weight"
         elif leaf in ("scale", "embedding"):
             leaf = "weight"
-        out[".".join((*names, leaf))] = np.ascontiguousarray(v)
+        out[".".join((*names, leaf))] = np.array(v, order="C")
     return out
 
 

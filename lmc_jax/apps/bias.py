@@ -4,12 +4,12 @@ Parallelism: each batch of images (`train.batch`, a multiple of the mesh's `data
 split over `data`; b_psi's params and optimizer state are replicated; the frozen prior's large
 arrays split over `model` with `parallel.model_axis > 1` (lmc_jax.parallel).
 
-Survival: resumes from WORKDIR/checkpoints, bit-identical to an uninterrupted run (the batch is
-a function of `(seed, step)`, the step's noise of `fold_in(key, step)`); a resume that changes
-the architecture (`FIXED_KEYS`) is refused. SIGTERM/SIGINT save a checkpoint and exit with
-status 143 (`EXIT_PREEMPTED`): run the same command again to continue. A non-finite loss or
-state stops the run with an error and keeps the last good checkpoint. Only process 0 writes
-outputs.
+Survival (lmc_jax.loop): resumes from WORKDIR/checkpoints, bit-identical to an uninterrupted
+run (the batch is a function of `(seed, step)`, the step's noise of `fold_in(key, step)`); a
+resume that changes the architecture (`FIXED_KEYS`) is refused. SIGTERM/SIGINT save a
+checkpoint and exit with status 143 (`EXIT_PREEMPTED`): run the same command again to
+continue. A non-finite loss or state stops the run with an error and keeps the last good
+checkpoint. Only process 0 writes outputs.
 """
 
 from __future__ import annotations

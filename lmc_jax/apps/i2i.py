@@ -1,7 +1,7 @@
 """Zero-shot image-to-image training (configs/i2i.py).
 
 `f_theta(x)` is a small residual conv net on the prior's `x`. One jitted step:
-  y = f_theta(x);  g = guidance(prior, y, t, eps, cond(prompt), hp)
+  y = f_theta(x);  g = guide(prior, y, t, eps, cond(prompt))     (the guidance record)
   loss(theta) = sum(sg(g) * y) / B + identity_weight * mean ||y - x||^2
 Held-out figures: `heldout_L_cond` (mean norm of the conditioning part of the guidance
 gradient on held-out outputs: it falls as outputs agree with the prompt) and, on the exact
@@ -12,9 +12,10 @@ prompt embeddings are split over `data`; f_theta's params and optimizer state ar
 the frozen prior's large arrays split over `model` with `parallel.model_axis > 1`
 (lmc_jax.parallel). Only process 0 writes outputs.
 
-Survival: resumes from WORKDIR/checkpoints (the batch is a function of `(seed, step)`, the
-step's noise of `fold_in(key, step)`); SIGTERM/SIGINT save a checkpoint and exit with status
-143; a non-finite loss stops the run and keeps the last good checkpoint.
+Survival (lmc_jax.loop): resumes from WORKDIR/checkpoints (the batch is a function of
+`(seed, step)`, the step's noise of `fold_in(key, step)`), refusing a resume that changes
+`FIXED_KEYS`; SIGTERM/SIGINT save a checkpoint and exit with status 143; a non-finite loss
+stops the run and keeps the last good checkpoint.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 One jitted train step:
   cameras ~ random orbits; rays -> render (coarse-to-fine, random shading and background)
   images [B, S, S, 3] in [-1, 1] -> x = prior.encode(resize(images, prior.image_shape))
-  grad_x = guidance(prior, x, t, eps, cond[view], hp)          (SDS, LMC-SDS, ...)
+  grad_x = guide(prior, x, t, eps, cond[view])     (the guidance record: SDS, LMC-SDS, ...)
   loss(params) = sum(sg(grad_x) * x) + lambda_o L_orient + lambda_a L_opacity
   params <- Adam(grad loss)
 
@@ -14,11 +14,11 @@ Parallelism: the `batch` views of a step are split over the mesh's `data` axis (
 a multiple of it), params and optimizer state are replicated, the prior's large arrays split
 over `model` with `parallel.model_axis > 1` (lmc_jax.parallel).
 
-Survival: resumes from WORKDIR/checkpoints (bit-identical to an uninterrupted run: each step's
-randomness is `fold_in(key, step)`); a resume whose config changed `field.*` is refused.
-SIGTERM/SIGINT save a checkpoint and exit with status 143 (`EXIT_PREEMPTED`); run the same
-command again to continue. A NaN/inf loss or state stops the run with an error and keeps the
-last good checkpoint. Only process 0 writes files.
+Survival (lmc_jax.loop): resumes from WORKDIR/checkpoints (bit-identical to an uninterrupted
+run: each step's randomness is `fold_in(key, step)`); a resume whose config changed `field.*`
+is refused. SIGTERM/SIGINT save a checkpoint and exit with status 143 (`EXIT_PREEMPTED`); run
+the same command again to continue. A NaN/inf loss or state stops the run with an error and
+keeps the last good checkpoint. Only process 0 writes files.
 """
 
 from __future__ import annotations

@@ -78,6 +78,7 @@ def guidance_config(method: str = "lmc", **overrides) -> ml_collections.ConfigDi
         "bias_auto": True,
         "bias_auto_steps": 0,  # automatic b_psi: training steps (0 = the recipe's default)
         "bias_auto_samples": 0,  # automatic b_psi: DDIM samples drawn (0 = the recipe's)
+        "bias_auto_ddim_steps": 0,  # automatic b_psi: DDIM steps per sample (0 = the recipe's)
         "nfsd_threshold": 200,
         # lmc: x_hat from e_u with b(x, t, "") ('uncond', the pairing for an unconditional
         # b_psi) or from e_c with b(x, t, prompt) ('cond', for a conditional b_psi); see

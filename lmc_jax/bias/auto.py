@@ -102,12 +102,15 @@ def default_recipe(prior: Prior) -> Recipe:
 
 
 def recipe_from_config(prior: Prior, gcfg: ml_collections.ConfigDict) -> Recipe:
-    """`default_recipe` with `guidance.bias_auto_steps` / `bias_auto_samples` when set (> 0)."""
+    """`default_recipe` with `guidance.bias_auto_steps` / `_samples` / `_ddim_steps` when > 0."""
     r = default_recipe(prior)
     steps, samples = int(gcfg.get("bias_auto_steps", 0)), int(gcfg.get("bias_auto_samples", 0))
-    if steps < 0 or samples < 0:
-        raise UserError("guidance.bias_auto_steps and bias_auto_samples must be >= 0 "
-                        "(0 = the recipe's default)")
+    ddim = int(gcfg.get("bias_auto_ddim_steps", 0))
+    if min(steps, samples, ddim) < 0:
+        raise UserError("guidance.bias_auto_steps, bias_auto_samples and bias_auto_ddim_steps "
+                        "must be >= 0 (0 = the recipe's default)")
+    if ddim:
+        r = dataclasses.replace(r, ddim_steps=ddim)
     if steps:
         r = dataclasses.replace(r, steps=steps, warmup=min(r.warmup, steps // 2))
     if samples:

@@ -325,6 +325,12 @@ def _check_params(expected: Any, params: Any, folder: Path) -> dict[str, Any]:
     return unflatten_dict({k: got[k] for k in want})
 
 
+def _contiguous(x: Any) -> np.ndarray:
+    """A C-contiguous numpy view of `x` (a copy only when it is not contiguous already)."""
+    a = np.asarray(x)
+    return a if a.flags.c_contiguous else np.array(a, order="C")
+
+
 def _converted(folder: Path, files: list[Path], cache: Path, convert) -> Any:
     """Flax params of PyTorch `files`: from the cache when converted before, else `convert()`
     and store (best effort: an unwritable cache only costs converting again)."""
@@ -345,8 +351,7 @@ def _converted(folder: Path, files: list[Path], cache: Path, convert) -> Any:
 
         tmp = entry.with_name(f"{entry.name}.tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
-        flat = {"/".join(k): np.array(v, order="C")
-                for k, v in flatten_dict(dict(params)).items()}
+        flat = {"/".join(k): _contiguous(v) for k, v in flatten_dict(dict(params)).items()}
         save_file(flat, str(tmp / "flax.safetensors"))
         (tmp / "source.json").write_text(json.dumps(
             {"folder": str(folder.resolve()), "files": [f.name for f in files]}, indent=2))

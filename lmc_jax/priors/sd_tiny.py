@@ -218,7 +218,7 @@ def pytorch_state_dict(params: Any) -> dict[str, np.ndarray]:
             v, leaf = (v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T), "weight"
         elif leaf in ("scale", "embedding"):
             leaf = "weight"
-        out[".".join((*names, leaf))] = np.array(v, order="C")
+        out[".".join((*names, leaf))] = v if v.flags.c_contiguous else np.array(v, order="C")
     return out
 
 
@@ -262,13 +262,16 @@ def save_pytorch_pipeline(directory: str | os.PathLike, unet: Any, vae: Any, tex
         config = {k: v for k, v in dict(module.config).items() if k not in _FLAX_ONLY_KEYS}
         config.update({"_class_name": cls, "_diffusers_version": d.__version__})
         (out / name / "config.json").write_text(json.dumps(config, indent=2, default=list))
-        state = {k: v.astype(dtype) for k, v in pytorch_state_dict(params[name]).items()}
+        state = {k: v.astype(dtype, copy=False)
+                 for k, v in pytorch_state_dict(params[name]).items()}
         save_file(state, str(out / name / f"{stem}{suffix}"), metadata={"format": "pt"})
+        del state
     (out / "text_encoder").mkdir(parents=True, exist_ok=True)
     tconfig = text_encoder.config.to_dict()
     tconfig.update({"architectures": ["CLIPTextModel"], "torch_dtype": np.dtype(dtype).name})
     (out / "text_encoder" / "config.json").write_text(json.dumps(tconfig, indent=2))
-    state = {k: v.astype(dtype) for k, v in pytorch_state_dict(params["text_encoder"]).items()}
+    state = {k: v.astype(dtype, copy=False)
+             for k, v in pytorch_state_dict(params["text_encoder"]).items()}
     save_file(state, str(out / "text_encoder" / f"model{suffix}"), metadata={"format": "pt"})
     tokenizer.save_pretrained(out / "tokenizer")
     (out / "scheduler").mkdir(exist_ok=True)

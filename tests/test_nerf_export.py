@@ -178,6 +178,22 @@ def test_auto_threshold_meshes_a_faint_ball_at_its_opaque_radius():
         export.extract_surface(_faint_ball, _albedo, res, 1.0, threshold="high")
 
 
+def test_opaque_threshold_counts_rays_and_breaks_ties_below_the_peak():
+    res, bound = 9, 1.0
+    spacing = 2 * bound / (res - 1)  # 0.25
+    grid = np.zeros((res, res, res))
+    d = 2.0  # a 3x3 plate one voxel thick: depth d * 0.25 = 0.5 < ln 2 across it, 1.5 along it
+    grid[3:6, 3:6, 4] = d
+    # Opaque: the 3 + 3 in-plane rays; their maxima tie with the 9 rays across the plate, so
+    # the level must sit below d (between d and the next smaller maximum, 0), not at the peak.
+    assert export.opaque_threshold(grid, bound) == d / 2
+    grid[3:6, 3:6, 4] = 4.0  # now every ray through the plate is opaque (depth 1.0 across)
+    grid[4, 4, 4] = 6.0
+    assert export.opaque_threshold(grid, bound) == 2.0  # 15 opaque rays, all maxima >= 4
+    assert export.opaque_threshold(0.1 * np.ones((res, res, res)), bound) is None  # 0.2 < ln 2
+    assert spacing * 3 * 2.0 > np.log(2) > spacing * 2.0
+
+
 def test_auto_threshold_touching_the_cube_still_closes_the_mesh():
     # A box filling the grid: the one-voxel zero padding closes its surface.
     mesh = export.extract_surface(lambda x: jnp.full_like(x[:, 0], 50.0), _albedo, 12, 1.0)

@@ -137,8 +137,9 @@ def opaque_threshold(grid, bound):
     to rendered pixels). The set `{sigma > t}` is hit by a ray exactly when the ray's maximum
     density exceeds `t`, so its silhouettes' area falls as `t` rises; the returned `t` makes
     that area equal the opaque rays' count `N` over the three axes: the midpoint between the
-    N-th and (N+1)-th largest ray maxima. For a ball whose density falls off smoothly this is
-    the density at the radius where rays stop being opaque, whatever the ball's peak.
+    N-th largest ray maximum and the next smaller one. For a ball whose density falls off
+    smoothly this is the density at the radius where rays stop being opaque, whatever the
+    ball's peak.
 
     Args:
       grid: [R, R, R] densities sampled at `linspace(-bound, bound, R)` per axis.
@@ -158,8 +159,10 @@ def opaque_threshold(grid, bound):
     if opaque == 0:
         return None
     maxima = np.sort(np.concatenate(maxima))[::-1]
-    below = maxima[opaque] if opaque < len(maxima) else min(float(np.min(grid)), 0.0)
-    return float(0.5 * (maxima[opaque - 1] + below))
+    top = maxima[opaque - 1]
+    lower = maxima[opaque:][maxima[opaque:] < top]  # ties with `top` stay above the level
+    below = lower[0] if len(lower) else min(float(np.min(grid)), 0.0)
+    return float(0.5 * (top + below))
 
 
 def surface_threshold(grid, bound, threshold=AUTO_THRESHOLD):

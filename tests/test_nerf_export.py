@@ -174,8 +174,11 @@ def test_auto_threshold_meshes_a_faint_ball_at_its_opaque_radius():
     np.testing.assert_allclose(np.linalg.norm(fixed["vertices"], axis=-1), 0.25, atol=voxel / 4)
     with pytest.raises(export.NoSurfaceError, match="peak density is 7"):
         export.extract_surface(_faint_ball, _albedo, res, 1.0, threshold=10.0)
-    with pytest.raises(UserError, match="'auto' or a density"):
+    with pytest.raises(UserError, match="'auto' or a positive number"):
         export.extract_surface(_faint_ball, _albedo, res, 1.0, threshold="high")
+    assert export.check_threshold(" Auto") == "auto" and export.check_threshold("2.5") == 2.5
+    with pytest.raises(UserError, match="positive"):
+        export.check_threshold(-1.0)
 
 
 def test_opaque_threshold_counts_rays_and_breaks_ties_below_the_peak():

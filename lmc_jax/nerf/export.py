@@ -165,6 +165,20 @@ def opaque_threshold(grid, bound):
     return float(0.5 * (top + below))
 
 
+def check_threshold(threshold):
+    """'auto', or the density `float(threshold)` (> 0); anything else is a `UserError`."""
+    if isinstance(threshold, str) and threshold.strip().lower() == AUTO_THRESHOLD:
+        return AUTO_THRESHOLD
+    try:
+        level = float(threshold)
+    except (TypeError, ValueError):
+        level = float("nan")
+    if not level > 0:
+        raise UserError(f"mesh threshold {threshold!r} is not 'auto' or a positive number; set "
+                        "output.mesh_threshold to 'auto' or a density such as 10")
+    return level
+
+
 def surface_threshold(grid, bound, threshold=AUTO_THRESHOLD):
     """The iso level to mesh: `opaque_threshold` for 'auto', else `float(threshold)`.
 
@@ -174,18 +188,14 @@ def surface_threshold(grid, bound, threshold=AUTO_THRESHOLD):
       UserError: a threshold that is neither 'auto' nor a number.
     """
     peak = float(np.max(grid))
-    if isinstance(threshold, str) and threshold.strip().lower() == AUTO_THRESHOLD:
+    level = check_threshold(threshold)
+    if level == AUTO_THRESHOLD:
         level = opaque_threshold(grid, bound)
         if level is None:
             raise NoSurfaceError(
                 f"no surface: no ray through the field reaches opacity 1/2 (peak density "
                 f"{peak:.4g}); the field is empty")
         return level
-    try:
-        level = float(threshold)
-    except (TypeError, ValueError):
-        raise UserError(f"mesh threshold {threshold!r} is not a number; set "
-                        f"output.mesh_threshold to 'auto' or a density such as 10") from None
     if not peak > level:
         raise NoSurfaceError(
             f"no surface at density {level:.4g}: the field's peak density is {peak:.4g}; set "

@@ -57,9 +57,25 @@ def build(folder: str, arch: str) -> None:
         sd_tiny.save_tiny_pytorch_pipeline(folder)
         return
     sys.path.insert(0, HERE)
+    import jax
     from t23d_step import SD21_TEXT, SD21_UNET, SD21_VAE
 
-    unet, vae, text, tok, params = sd_tiny.random_pipeline(SD21_UNET, SD21_VAE, SD21_TEXT, 0)
+    from lmc_jax import _compat
+    from lmc_jax.priors.tokenizer import byte_tokenizer_path
+
+    d, tr = _compat.diffusers(), _compat.transformers()
+    tok = tr.CLIPTokenizer.from_pretrained(str(byte_tokenizer_path()))
+    unet, vae = d.FlaxUNet2DConditionModel(**SD21_UNET), d.FlaxAutoencoderKL(**SD21_VAE)
+    text = tr.FlaxCLIPTextModel(tr.CLIPTextConfig(**{
+        "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id, **SD21_TEXT}), _do_init=False)
+    key = jax.random.PRNGKey(0)  # shapes only
+    # one component's random weights in memory at a time (sd_tiny.random_pipeline's values)
+    params = {
+        "unet": lambda: sd_tiny._random_params(jax.eval_shape(unet.init_weights, key), 0, 0),
+        "vae": lambda: sd_tiny._random_params(jax.eval_shape(vae.init_weights, key), 0, 1),
+        "text_encoder": lambda: sd_tiny._random_params(text.params_shape_tree, 0, 2),
+    }
     sd_tiny.save_pytorch_pipeline(folder, unet, vae, text, tok, params)
 
 

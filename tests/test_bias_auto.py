@@ -137,3 +137,15 @@ def test_bias_auto_false_is_the_old_error(prior):
     gcfg = guidance_config("lmc", bias="learned", bias_auto=False)
     with pytest.raises(UserError, match="bias_path=DIR.*bias_auto=False"):
         build_guidance(prior, gcfg)
+
+
+def test_recipe_overrides_from_config(prior):
+    base = auto.default_recipe(prior)
+    assert prior.kind == "pixel" and (base.num_samples, base.steps) == (512, 600)
+    gcfg = guidance_config("lmc", bias="learned", bias_auto_steps=7, bias_auto_samples=4,
+                           bias_auto_ddim_steps=3)
+    r = auto.recipe_from_config(prior, gcfg)
+    assert (r.steps, r.num_samples, r.ddim_steps, r.batch) == (7, 4, 3, 4)
+    assert r.warmup <= 3 and auto.cache_key("w", r) != auto.cache_key("w", base)
+    with pytest.raises(UserError, match="must be >= 0"):
+        auto.recipe_from_config(prior, guidance_config("lmc", bias_auto_steps=-1))

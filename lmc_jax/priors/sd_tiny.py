@@ -247,7 +247,9 @@ def save_pytorch_pipeline(directory: str | os.PathLike, unet: Any, vae: Any, tex
     """Writes `params` as a PyTorch-format diffusers folder in the official Hub layout.
 
     `variant='fp16'` writes `<stem>.fp16.safetensors` in float16 (and no plain files), as the
-    fp16 variant files of the Hub; otherwise float32 `<stem>.safetensors`.
+    fp16 variant files of the Hub; otherwise float32 `<stem>.safetensors`. A value of `params`
+    may be a zero-argument callable that returns the component's weights: it is called when
+    that component is written, so a caller can hold one component's weights at a time.
     """
     from safetensors.numpy import save_file
 
@@ -262,16 +264,19 @@ def save_pytorch_pipeline(directory: str | os.PathLike, unet: Any, vae: Any, tex
         config = {k: v for k, v in dict(module.config).items() if k not in _FLAX_ONLY_KEYS}
         config.update({"_class_name": cls, "_diffusers_version": d.__version__})
         (out / name / "config.json").write_text(json.dumps(config, indent=2, default=list))
-        state = {k: v.astype(dtype, copy=False)
-                 for k, v in pytorch_state_dict(params[name]).items()}
+        weights = params[name]() if callable(params[name]) else params[name]
+        state = {k: v.astype(dtype, copy=False) for k, v in pytorch_state_dict(weights).items()}
+        del weights
         save_file(state, str(out / name / f"{stem}{suffix}"), metadata={"format": "pt"})
         del state
     (out / "text_encoder").mkdir(parents=True, exist_ok=True)
     tconfig = text_encoder.config.to_dict()
     tconfig.update({"architectures": ["CLIPTextModel"], "torch_dtype": np.dtype(dtype).name})
     (out / "text_encoder" / "config.json").write_text(json.dumps(tconfig, indent=2))
-    state = {k: v.astype(dtype, copy=False)
-             for k, v in pytorch_state_dict(params["text_encoder"]).items()}
+    weights = params["text_encoder"]
+    weights = weights() if callable(weights) else weights
+    state = {k: v.astype(dtype, copy=False) for k, v in pytorch_state_dict(weights).items()}
+    del weights
     save_file(state, str(out / "text_encoder" / f"model{suffix}"), metadata={"format": "pt"})
     tokenizer.save_pretrained(out / "tokenizer")
     (out / "scheduler").mkdir(exist_ok=True)

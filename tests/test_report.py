@@ -146,3 +146,18 @@ def test_prompt_benchmark_counts_a_visible_object_without_a_glb_and_draws_the_fi
     fig = np.asarray(Image.open(tmp_path / "fig.png"))
     assert fig.shape == (2 * 20, 170 + 60 + 20, 3)
     np.testing.assert_array_equal(fig[:, 170:230], 128)  # both rows' views, 2x
+
+
+def test_report_command_rewrites_the_page_from_the_folder(run_folder, tmp_path, capsys):
+    import json
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(run_folder[0], workdir)
+    (workdir / "metrics.json").write_text(json.dumps({"eval_accuracy": 0.5}))
+    (workdir / "config.json").write_text(json.dumps(CONFIG))
+    assert report.main([str(workdir)]) == 0
+    _, text = _parse(workdir / "report.html")
+    assert "a purple sphere" in text and "0.5" in text and "0.875" not in text
+    assert report.main([]) == 2
+    assert capsys.readouterr().err.startswith("error: usage: python -m lmc_jax.report")

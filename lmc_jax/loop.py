@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import struct
@@ -62,8 +63,6 @@ class TrainState:
 def init_train_state(params: Any, opt_state: Any, key: jax.Array | None = None,
                      extra: Any = None) -> TrainState:
     """A state at step 0."""
-    import jax.numpy as jnp
-
     return TrainState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=opt_state,
                       key=key, extra=extra)
 

@@ -11,7 +11,9 @@ purge them too. A failure to write (a full disk) is one `UserError`, also from `
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 
 import jax
 import numpy as np
@@ -114,8 +116,9 @@ class MetricWriter:
             self._tb.add_image(k, np.asarray(v), step, dataformats="HWC")
 
     def close(self) -> None:
-        """Closes the files; a failure is one `UserError` (never a second traceback in a
-        `finally` that already handles a full disk)."""
+        """Closes the files; a failure is one `UserError`. Called from a `finally` while an
+        error is on its way out (a full disk seen by the checkpoint save), a failure here is
+        a warning and that first error stays the one reported."""
         if not self.enabled:
             return
         errors = []
@@ -128,4 +131,8 @@ class MetricWriter:
                 errors.append(e)
         self._tb = self._log = None
         if errors:
-            raise _write_error(self._path, errors[0]) from None
+            err = _write_error(self._path, errors[0])
+            if sys.exc_info()[1] is not None:
+                logging.warning("%s", err)
+                return
+            raise err from None

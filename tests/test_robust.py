@@ -193,6 +193,15 @@ def test_writer_close_on_a_full_disk_is_one_user_error(tmp_path):
     w._log = Full()
     with pytest.raises(UserError, match=r"could not write metrics .*No space left.*free disk"):
         w.close()
+    # In a `finally` after the checkpoint save failed: that first error is the one reported.
+    w = MetricWriter(str(tmp_path), enabled=True)
+    w.write_scalars(2, {"loss": 1.0})
+    w._log = Full()
+    with pytest.raises(UserError, match=r"could not write checkpoint 4"):
+        try:
+            raise UserError("could not write checkpoint 4: the disk is full")
+        finally:
+            w.close()
 
 
 def test_every_checkpoint_unreadable_stops_unless_fresh_start(tmp_path):

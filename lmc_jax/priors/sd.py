@@ -74,8 +74,10 @@ def _place(params: Any, dtype: Any) -> Any:
     """
 
     def leaf(x):
-        x = np.asarray(x)
-        return jnp.asarray(x, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype)
+        want = dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+        if isinstance(x, jax.Array) and not x.committed and x.dtype == want:
+            return x  # already what is wanted: no second copy of multi-GB weights
+        return jnp.asarray(np.asarray(x), want)
 
     return jax.tree_util.tree_map(leaf, params)
 

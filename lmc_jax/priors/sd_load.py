@@ -331,18 +331,36 @@ def _contiguous(x: Any) -> np.ndarray:
     return a if a.flags.c_contiguous else np.array(a, order="C")
 
 
+def _cache_entry(folder: Path, files: list[Path], cache: Path) -> Path:
+    """The conversion cache folder of `folder`'s config.json + weight `files` (by content)."""
+    key = files_fingerprint(folder, [folder / "config.json", *files], cache)[:24]
+    return cache / "flax" / f"v{CONVERTER_VERSION}-{key}"
+
+
+def _cached(entry: Path) -> Any | None:
+    """Flax params stored in a cache entry (device arrays, read once), or None."""
+    file = entry / "flax.safetensors"
+    if not file.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="flax") as f:
+            flat = {tuple(k.split("/")): f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # a damaged entry is converted again
+        logging.warning("ignoring the damaged converted-weights cache %s (%s)", entry, e)
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+    return unflatten_dict(flat)
+
+
 def _converted(folder: Path, files: list[Path], cache: Path, convert) -> Any:
     """Flax params of PyTorch `files`: from the cache when converted before, else `convert()`
     and store (best effort: an unwritable cache only costs converting again)."""
-    config = folder / "config.json"
-    key = files_fingerprint(folder, [config, *files], cache)[:24]
-    entry = cache / "flax" / f"v{CONVERTER_VERSION}-{key}"
-    if (entry / "flax.safetensors").is_file():
-        try:
-            flat = _read_safetensors(entry / "flax.safetensors")
-            return unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
-        except UserError:
-            shutil.rmtree(entry, ignore_errors=True)
+    entry = _cache_entry(folder, files, cache)
+    params = _cached(entry)
+    if params is not None:
+        return params
     t0 = time.time()
     params = convert()
     logging.info("converted %s from PyTorch in %.1f s", folder, time.time() - t0)
@@ -371,6 +389,9 @@ def _load_diffusers_model(cls: Any, folder: Path, from_pt: bool, cache: Path) ->
     try:
         if pt_files and (from_pt or not flax_file.is_file()):
             model = cls.from_config(cls.load_config(str(folder)))
+            cached = _cached(_cache_entry(folder, pt_files, cache))
+            if cached is not None:  # checked against config.json when it was converted
+                return model, cached
             shapes = jax.eval_shape(model.init_weights, jax.random.PRNGKey(0))
 
             def convert():

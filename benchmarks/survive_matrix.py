@@ -1,7 +1,7 @@
 """Bad inputs and random kills on text-to-3D `:tiny`: one row per case, then the counts.
 
     python benchmarks/survive_matrix.py [--kills 20] [--seed 0] [--only matrix|kills]
-                                        [--json out.json]
+                                        [--case 'disk full'] [--json out.json]
 
 Every case runs `python -m lmc_jax.main --config=configs/t23d.py:tiny` (tiny sizes, see
 `TINY`) as a user would, in a fresh temporary folder, with a shared JAX compilation cache.
@@ -143,13 +143,14 @@ def _logged_steps(workdir: str) -> list[int]:
 
 # --- the bad-input matrix -----------------------------------------------------------------
 
-def matrix(b: Bench) -> None:
+def matrix(b: Bench, only: str = "") -> None:
     tmp = b.tmp
     finished = os.path.join(tmp, "finished")  # a finished run, copied for the resume cases
-    done = b.run(_args(finished))
-    assert done.returncode == 0, done.stderr[-3000:]
 
     def copy_of_finished(name: str) -> str:
+        if not os.path.isdir(finished):
+            done = b.run(_args(finished))
+            assert done.returncode == 0, done.stderr[-3000:]
         wd = os.path.join(tmp, name)
         shutil.copytree(finished, wd)
         return wd
@@ -224,6 +225,8 @@ def matrix(b: Bench) -> None:
         ("busy workdir", lambda n: os.path.join(tmp, n), {}, {"holder": "1"}),
     ]
     for name, make, over, env in cases:
+        if only not in name:
+            continue
         wd = make(name.replace(" ", "_").replace("'", ""))
         holder = None
         if env.pop("holder", None):
@@ -247,6 +250,8 @@ def matrix(b: Bench) -> None:
             ("14000x14000 image in data.path", big_image, "configs/bias.py:tiny",
              {"data.source": "folder"}),
             ("prior folder of random bytes", random_prior, "configs/synth.py", {})):
+        if only not in name:
+            continue
         folder = make(name.split()[0])
         key = "data.path" if "data" in name else "prior.path"
         wd = os.path.join(tmp, name.split()[0] + "_run")
@@ -257,6 +262,8 @@ def matrix(b: Bench) -> None:
         one = line.startswith("error: ") and "Traceback" not in p.stderr
         b.row(kind="input", case=name, exit=p.returncode, one_line=one, unchanged=True,
               ok=p.returncode == 2 and one, line=line)
+    if only not in "--fresh_start after all unreadable":
+        return
     # Starting over on purpose after every checkpoint was lost.
     wd = no_files("fresh_start")
     p = b.run([*_args(wd), "--fresh_start"])
@@ -303,7 +310,8 @@ def kills(b: Bench, n: int, rng: random.Random) -> None:
             time.sleep(rng.uniform(0.0, span))
             hit = proc.poll() is None
         logged = _logged_steps(wd)
-        if proc.poll() is None:
+        hit = hit and proc.poll() is None  # the moment came and the run was still going
+        if hit:
             proc.send_signal(sig)
         _, err = proc.communicate(timeout=900)
         after = _digest(wd)
@@ -311,10 +319,12 @@ def kills(b: Bench, n: int, rng: random.Random) -> None:
         lost = max([s for s in logged if s <= STEPS] or [0]) - newest
         expect = 143 if sig == signal.SIGTERM else -9
         finished = proc.returncode == 0  # the run ended before the signal
-        ok = (proc.returncode == expect or finished) and "Traceback" not in err and lost <= EVERY
+        same = after == want if finished else None  # a finished run: bit-identical?
+        ok = ((proc.returncode == expect and hit) or (finished and same and not hit)) and (
+            "Traceback" not in err and lost <= EVERY)
         b.row(kind="kill", i=i, signal=sig.name, at=mode, hit=hit, exit=proc.returncode,
               ckpt_before=before[0] if before else None, ckpt_after=newest, lost_steps=lost,
-              ok=ok, line=_last_line(err))
+              finished_bit_identical=same, ok=ok, line=_last_line(err))
         if finished:  # start over so that every kill interrupts something
             shutil.rmtree(wd)
     p = b.run(_args(wd))
@@ -330,13 +340,14 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=["matrix", "kills"], default=None)
+    ap.add_argument("--case", default="", help="only the matrix cases whose name has this")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="survive_") as tmp:
         b = Bench(tmp)
         if args.only in (None, "matrix"):
-            matrix(b)
+            matrix(b, args.case)
         if args.only in (None, "kills"):
             kills(b, args.kills, random.Random(args.seed))
     inputs = [r for r in b.rows if r["kind"] == "input"]
@@ -347,6 +358,9 @@ def main() -> None:
     print(f"kills: {sum(r['ok'] for r in killed)}/{len(killed)} exit 143 (TERM) / -9 (KILL), "
           f"no traceback, <= {EVERY} steps lost; "
           f"{sum(r['hit'] for r in killed)} hit their moment")
+    ends = [r for r in killed if r["finished_bit_identical"] is not None]
+    print(f"runs that finished between kills: {len(ends)}, bit-identical to the uninterrupted "
+          f"run: {sum(bool(r['finished_bit_identical']) for r in ends)}")
     for r in final:
         print(f"final resume: exit {r['exit']}, bit-identical {r['bit_identical']}, "
               f"metrics.jsonl steps once {r['steps_once']}")

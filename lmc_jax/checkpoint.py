@@ -328,6 +328,11 @@ class Preemption:
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        # A SIGTERM that came after the last step's check (during its save) is not lost: the
+        # process-level handler (lmc_jax.main's, which exits 143) gets it once the loop is done.
+        if (exc[0] is None and self.requested and self.signal == signal.SIGTERM
+                and callable(self._old.get(signal.SIGTERM))):
+            signal.raise_signal(signal.SIGTERM)
 
 
 def all_finite(tree: Any) -> bool:

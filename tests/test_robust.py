@@ -280,3 +280,19 @@ def test_sigterm_during_startup_exits_143(tmp_path):
     assert proc.returncode == 143, err[-2000:]
     assert "Traceback" not in err and "run the same command again" in err, err[-2000:]
     assert not os.path.exists(tmp_path / "w" / ".lock")
+
+
+def test_sigterm_after_the_last_steps_check_reaches_the_process_handler():
+    """SIGTERM during the last save: the loop ends normally, then main's handler (exit 143)
+    gets the signal instead of the run writing its outputs as if nothing had happened."""
+    from lmc_jax.checkpoint import Preemption
+
+    seen = []
+    old = signal.signal(signal.SIGTERM, lambda s, f: seen.append(s))
+    try:
+        with Preemption() as pre:
+            signal.raise_signal(signal.SIGTERM)
+            assert pre.requested and seen == []  # the loop's handler took it
+        assert seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -166,7 +166,8 @@ def make_sd_prior(unet: Any, vae: Any | None, text_encoder: Any, tokenizer: Any,
     check_words = closed_vocabulary_check(tokenizer, name)
 
     unet_m = type(unet).from_config(dict(ucfg), dtype=cdtype)
-    text_m = type(text_encoder)(tcfg, dtype=cdtype, _do_init=False)
+    text_m = (text_encoder if getattr(text_encoder, "dtype", None) == cdtype  # no re-trace
+              else type(text_encoder)(tcfg, dtype=cdtype, _do_init=False))
     if pixel:
         factor, scaling, vae_m, vcfg = 1, 1.0, None, None
     else:

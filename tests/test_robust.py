@@ -231,7 +231,9 @@ def test_every_checkpoint_unreadable_stops_unless_fresh_start(tmp_path):
     ckpt.close()
 
 
-def test_decompression_bomb_in_data_path_is_one_user_error(tmp_path):
+def test_decompression_bomb_in_data_path_is_one_user_error(tmp_path, monkeypatch):
+    """PIL refuses images over 2 * MAX_IMAGE_PIXELS (a 14000x14000 one by default); the limit
+    is lowered here so that a 100x100 image stands in for it."""
     from PIL import Image
 
     from lmc_jax.data.folder import image_dataset
@@ -239,7 +241,8 @@ def test_decompression_bomb_in_data_path_is_one_user_error(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     Image.new("RGB", (40, 40), (200, 0, 0)).save(folder / "small.png")
-    Image.new("L", (14000, 14000)).save(folder / "huge.png")
+    Image.new("L", (100, 100)).save(folder / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 40x40 = 1600 passes, 100x100 not
     with pytest.raises(UserError, match=r"huge\.png.* too large to decode safely.*downscale"):
         image_dataset(str(folder), 32, str(tmp_path / "cache"))
 

@@ -42,11 +42,14 @@ def save_png(path: str, image: np.ndarray, scale: int = 1) -> str:
 
 
 def write_json(path: str, data: dict) -> str:
-    """Writes `data` (floats, ints, strings, nested) as pretty JSON."""
+    """Writes `data` (floats, ints, strings, nested) as pretty JSON, atomically (a temporary
+    file renamed over `path`: a run stopped mid-write never leaves a truncated file)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True, default=float)
         f.write("\n")
+    os.replace(tmp, path)
     return path
 
 

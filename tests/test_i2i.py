@@ -2,9 +2,12 @@
 
 import os
 
+import pytest
+
 from lmc_jax.apps import i2i
 from lmc_jax.checkpoint import Checkpointer
 from lmc_jax.config import load_config
+from lmc_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +37,12 @@ def test_i2i_trains_on_heldout_and_round_trips_a_checkpoint(tmp_path):
     m2 = i2i.run(c, str(tmp_path))
     assert m2["heldout_L_cond"] == m["heldout_L_cond"]
     assert m2["heldout_target_acc"] == m["heldout_target_acc"]
-
+    # A resume that changes f_theta's shapes is refused, naming the key, before any training.
+    c.net.features = 32
+    with pytest.raises(UserError, match=r"net.features: 16 -> 32"):
+        i2i.run(c, str(tmp_path))
+    assert ckpt.steps()[-1] == 60
+    ckpt.close()
 
 
 def test_nfsd_conditioning_carries_the_negative_prompt():

@@ -19,12 +19,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from lmc_jax import io
+from lmc_jax.apps.optimize import optimize_x
 from lmc_jax.bias import train as bias_train
 from lmc_jax.bias.model import bias_fn_from
 from lmc_jax.bias.store import load_bias
-from lmc_jax.checkpoint import all_finite
 from lmc_jax.errors import UserError
 from lmc_jax.guidance import Conditioning, Guidance, GuidanceParams
 from lmc_jax.guidance.from_config import noise_spec
@@ -47,24 +48,11 @@ def high_frequency_energy(x: jax.Array, mu: jax.Array, cutoff: float) -> jax.Arr
 def descend(prior: Prior, x0: jax.Array, cond: Conditioning, guide: Guidance, steps: int,
             lr: float, key: jax.Array, snapshot_steps: list[int]
             ) -> tuple[jax.Array, list[np.ndarray]]:
-    """Runs `x <- x - lr * grad` for `steps` steps with the guidance record `guide`; returns the
-    final x and the snapshots taken after the steps in `snapshot_steps` (0 = the start). A
-    non-finite result stops with a UserError."""
-
-    @jax.jit
-    def step(x, i):
-        t, eps = guide.draw(key, i, x.shape[0], prior.x_shape)
-        return x - lr * guide(prior, x, t, eps, cond).grad
-
-    x = x0
-    snaps = [np.asarray(x0)] if 0 in snapshot_steps else []
-    for i in range(steps):
-        x = step(x, jnp.asarray(i))
-        if i + 1 in snapshot_steps:
-            snaps.append(np.asarray(x))
-    if not all_finite(x):
-        raise UserError(f"{guide.method} diverged (non-finite x after {steps} steps); lower lr "
-                        "or guidance.w")
+    """`x <- x - lr * grad` (SGD) for `steps` steps with the guidance record `guide`, through
+    `apps.optimize.optimize_x`; returns the final x and the snapshots taken after the steps in
+    `snapshot_steps` (0 = the start). A non-finite result stops with a UserError."""
+    x, snaps, _ = optimize_x(prior, x0, cond, guide, steps=steps, optimizer=optax.sgd(lr),
+                             key=key, snapshot_steps=tuple(snapshot_steps))
     return x, snaps
 
 

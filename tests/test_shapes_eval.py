@@ -119,3 +119,43 @@ def test_quick_app_end_to_end(tmp_path):
     assert ev.metadata["test_size"] == config.data.test_size
     ps, pc = ev.probs(np.zeros((3, 16, 16, 3), np.float32))
     assert ps.shape == pc.shape == (3, 5) and np.all(np.isfinite(ps))
+    assert shapes_eval.has_object_head(ev) == config.model.object_head
+    for key in ("test_object_recall", "test_degraded_object_recall", "test_no_object_recall"):
+        assert 0.0 <= metrics[key] <= 1.0
+
+
+def test_shipped_evaluator_says_no_object(shipped, held_out):
+    """Held-out renders (another seed) show an object, and so do their blurred and fogged
+    copies; the bare background at text-to-3D's evaluation grey and held-out no-object scenes
+    (fog, soft bands and glows) do not, and then score 0 for every prompt."""
+    images, prompts, _, _ = held_out
+    assert shapes_eval.has_object_head(shipped)
+    assert np.mean(shapes_eval.object_probability(shipped, images) >= 0.5) >= 0.97
+    u8 = np.round((images + 1.0) * 127.5).astype(np.uint8)
+    degraded = shapes.degrade(u8, seed=123)
+    assert np.mean(shapes_eval.object_probability(shipped, degraded) >= 0.5) >= 0.9
+    none = shapes.render_no_object(123, "eval_test", 80)
+    grey = np.full((4, 32, 32, 3), np.mean(shapes.BACKGROUND) * 2.0 - 1.0, np.float32)
+    assert np.all(shapes_eval.object_probability(shipped, grey) < 0.5)
+    assert np.mean(shapes_eval.object_probability(shipped, none) < 0.5) >= 0.9
+    assert shapes_eval.accuracy(shipped, grey, prompts[:4]) == 0.0
+    assert shapes_eval.r_precision(shipped, grey, prompts[:4]) == 0.0
+
+
+def test_no_object_scenes_and_degrade():
+    a = shapes.render_no_object(5, "eval_train", 8)
+    np.testing.assert_array_equal(a, shapes.render_no_object(5, "eval_train", 8))
+    assert not np.array_equal(a, shapes.render_no_object(5, "eval_test", 8))
+    x = a.astype(np.float32) / 255.0
+    lo, hi = shapes.BACKGROUND
+    # 'background' (i % 4 == 0): one grey in the renders' range, plus pixel noise of std 0.01.
+    for im in x[0::4]:
+        assert lo - 0.01 < im.mean() < hi + 0.01 and im.std() < 0.02
+    # No kind has a render's hard edge: neighbouring pixels differ by far less than an
+    # object's silhouette against the background.
+    renders = shapes.render(5, "eval_train", range(8)).astype(np.float32) / 255.0
+    edge = lambda im: np.abs(np.diff(im, axis=1)).max()  # noqa: E731
+    assert max(map(edge, x)) < 0.5 * min(map(edge, renders))
+    same = shapes.degrade((renders * 255).round().astype(np.uint8), 0, max_sigma=0.0,
+                          max_fog=0.0)
+    np.testing.assert_array_equal(same, (renders * 255).round().astype(np.uint8))

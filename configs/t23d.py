@@ -74,6 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "video_frames": 60, "video_size": 128, "video_fps": 24,
         "mesh_resolution": 128, "mesh_threshold": 10.0, "grid_every": 1000,
     })
+    c.clip_path = ""  # a CLIP folder or hub id: CLIP score + R-precision of orbit views
     c.log_every = 50
     c.checkpoint_every = 1000
     c.keep_checkpoints = 2

@@ -117,3 +117,25 @@ def test_unavailable_clip_is_said_in_the_log(tmp_path, capsys):
     assert out["clip_r_precision"] == out["clip_score"]
     line = capsys.readouterr().out.strip()
     assert line.startswith("WARNING: CLIP metrics not computed:") and "\n" not in line
+
+
+def test_t23d_reports_clip_r_precision_when_clip_path_is_set(tiny, tmp_path, monkeypatch):
+    import json
+    import os
+
+    from lmc_jax.apps import t23d
+    from lmc_jax.config import load_config
+
+    monkeypatch.setenv("LMC_JAX_CACHE", str(tmp_path / "cache"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = load_config(os.path.join(root, "configs", "t23d.py"), "mixture")  # exact prior: cheap
+    c.steps, c.render.size, c.render.num_coarse, c.render.num_fine = 2, 16, 8, 8
+    c.field.width, c.output.video_frames, c.output.video_size = 16, 4, 16
+    c.output.mesh_resolution, c.output.grid_every, c.log_every, c.checkpoint_every = 16, 2, 2, 2
+    c.clip_path = str(tiny[0])
+    metrics = t23d.run(c, str(tmp_path / "run"))
+    assert metrics["clip_prompt_set_size"] == len(clip.DEFAULT_PROMPT_SET) + 1
+    assert 0.0 <= metrics["clip_score"] <= 100.0
+    assert metrics["clip_r_precision"] * 8 == round(metrics["clip_r_precision"] * 8)  # 8 views
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["clip_r_precision"] == metrics["clip_r_precision"]

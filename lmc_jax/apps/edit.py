@@ -173,6 +173,8 @@ def _add_clip_scores(clip_path: str, metrics: dict, finals: dict, prompt: str) -
 
     model = (load_clip(clip_path) if clip_path else
              Unavailable("clip", "no metrics weights given (set --config.clip_path=DIR)"))
+    if clip_path and isinstance(model, Unavailable):  # said in the log, not only metrics.json
+        print(f"WARNING: CLIP metrics not computed: {model.reason}", flush=True)
     for method, images in finals.items():
         if isinstance(model, Unavailable):
             metrics[method]["clip_score"] = str(model)

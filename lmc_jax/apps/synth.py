@@ -67,6 +67,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    mean_colour=[float(v) for v in colours])
     metrics.update(evaluator_scores(
         prior.name, np.concatenate(finals).astype(np.float32) / 127.5 - 1.0, prompt))
+    if config.get("clip_path", ""):  # CLIP score + R-precision (lmc_jax.metrics.clip)
+        from lmc_jax.metrics.clip import clip_view_metrics
+
+        metrics.update(clip_view_metrics(
+            np.concatenate(finals).astype(np.float32) / 127.5 - 1.0, prompt, config.clip_path))
     if main:
         io.write_json(os.path.join(workdir, "metrics.json"), metrics)
     return metrics

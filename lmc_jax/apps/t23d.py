@@ -292,6 +292,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         views, acc = eval_views(field, state.params, config)
         out.update(occupancy(acc))
         out.update(evaluate_views(field, state.params, config, views=views))
+        if config.get("clip_path", ""):  # CLIP score + R-precision of orbit views (DreamFusion)
+            from lmc_jax.metrics.clip import clip_view_metrics
+
+            size = config.output.video_size
+            clip_views = orbit_views(field, state.params, config, EVAL_VIEWS, size)[0]
+            out.update(clip_view_metrics(clip_views.astype(np.float32) / 127.5 - 1.0,
+                                         config.prompt, config.clip_path))
         if out["empty_scene"]:
             out["warnings"] = [empty_scene_warning(out, workdir)]
     result = {k: float(v) for k, v in res["metrics"].items()}

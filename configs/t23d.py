@@ -23,8 +23,11 @@ Presets that need no weights (offline, 2 CPU cores):
   the prompted colour.
 
 Outputs in the workdir: config.json, checkpoints/, tensorboard/, metrics.jsonl,
-metrics.json, grid_<step>.png (fixed views during training), video.mp4 (or .gif), mesh.obj,
-mesh.ply.
+metrics.json, grid_<step>.png (fixed views during training), video.mp4 (or .gif), views.png,
+mesh.glb (baked albedo texture), mesh.obj + mesh.mtl + mesh_albedo.png, mesh.ply, report.html
+(everything on one page, offline). output.mesh_threshold: 'auto' (the density level whose
+silhouette covers the rays at least half opaque; lmc_jax.nerf.export.opaque_threshold) or a
+density.
 """
 
 import ml_collections
@@ -72,7 +75,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.reg = ml_collections.ConfigDict({"orientation": 1e-2, "opacity": 1e-3})
     c.output = ml_collections.ConfigDict({
         "video_frames": 60, "video_size": 128, "video_fps": 24,
-        "mesh_resolution": 128, "mesh_threshold": 10.0, "grid_every": 1000,
+        "mesh_resolution": 128, "mesh_threshold": "auto", "texture_size": 1024,
+        "grid_every": 1000,
     })
     c.clip_path = ""  # a CLIP folder or hub id: CLIP score + R-precision of orbit views
     c.log_every = 50
@@ -91,6 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.output.video_frames = 24
         c.output.video_size = 64
         c.output.mesh_resolution = 48
+        c.output.texture_size = 512
         c.output.grid_every = 100
         c.log_every = 25
         c.checkpoint_every = 100

@@ -24,7 +24,7 @@ def _config(preset="mixture"):
     c.output.video_frames = 6
     c.output.video_size = 16
     c.output.mesh_resolution = 16
-    c.output.mesh_threshold = 5.0
+    c.output.texture_size = 64
     c.output.grid_every = 2
     c.log_every = 2
     c.checkpoint_every = 2
@@ -39,6 +39,7 @@ def test_short_run_writes_video_mesh_grids_and_resumes(tmp_path):
     frames = iio.mimread(video) if video.endswith(".gif") else [f for f in iio.get_reader(video)]
     assert len(frames) == 6 and frames[0].shape[:2] == (16, 16)
     assert (tmp_path / "mesh.obj").exists() and (tmp_path / "mesh.ply").exists()
+    assert (tmp_path / "mesh.glb").exists() and (tmp_path / "report.html").exists()
     assert metrics["mesh_faces"] > 0
     assert not metrics["empty_scene"] and "warnings" not in metrics  # the initial blob is opaque
     assert (tmp_path / "grid_000002.png").exists() and (tmp_path / "grid_000004.png").exists()

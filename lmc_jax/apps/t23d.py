@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from lmc_jax import io, parallel
+from lmc_jax import io, parallel, report
 from lmc_jax.config import require_positive, require_prompt
 from lmc_jax.errors import UserError
 from lmc_jax.guidance import Conditioning, surrogate_loss
@@ -66,6 +66,8 @@ def validate(config: ml_collections.ConfigDict, prior: Prior) -> str:
     if config.field.blob_shape not in BLOB_SHAPES:
         raise UserError(f"field.blob_shape must be one of {list(BLOB_SHAPES)}, got "
                         f"{config.field.blob_shape!r}")
+    export.check_threshold(config.output.mesh_threshold)
+    require_positive(config.output.texture_size, "output.texture_size")
     if config.shading.background not in BACKGROUNDS:
         raise UserError(f"shading.background must be one of {list(BACKGROUNDS)}, got "
                         f"{config.shading.background!r}")
@@ -301,11 +303,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                          config.prompt, config.clip_path))
         if out["empty_scene"]:
             out["warnings"] = [empty_scene_warning(out, workdir)]
+        elif out["no_surface"]:
+            out["warnings"] = [f"NO MESH: {out['no_surface_reason']}; no mesh.glb written."]
     result = {k: float(v) for k, v in res["metrics"].items()}
     result.update(out, train_seconds=train_seconds, steps=config.steps,
                   seconds_per_step=train_seconds / max(config.steps - res["start_step"], 1))
     if parallel.is_main_process():
         io.write_json(os.path.join(workdir, "metrics.json"), result)
+        report.write_report(workdir, result, config.to_dict())
         print(io.format_table([[k, v] for k, v in result.items()
                                if not isinstance(v, (str, list))], ["metric", "value"]))
         for w in result.get("warnings", []):
@@ -350,23 +355,16 @@ def empty_scene_warning(out: dict, workdir: str) -> str:
 
 
 def write_outputs(field: MLPField, params, config, workdir: str) -> dict:
-    """The 360-degree video and the mesh (OBJ and PLY with vertex colours)."""
+    """The 360-degree video, views.png and the mesh (`export.write_field_assets`: GLB and
+    OBJ with a baked albedo texture, PLY)."""
     oc = config.output
     frames = render_orbit(field, params, config, oc.video_frames, oc.video_size)
     video = export.write_video(os.path.join(workdir, "video.mp4"), frames, fps=oc.video_fps)
     io.save_png(os.path.join(workdir, "views.png"), io.grid([frames[:: max(len(frames) // 6, 1)]]))
-    out = {"video": str(video), "mesh_vertices": 0, "mesh_faces": 0}
-    try:
-        mesh = export.extract_mesh(field, params["field"], resolution=oc.mesh_resolution,
-                                   bound=config.render.scene_radius, threshold=oc.mesh_threshold)
-    except (ValueError, UserError) as e:  # no density crosses the threshold
-        logging.warning("no surface at density %.3g (%s): no mesh written", oc.mesh_threshold, e)
-        return out
-    v, f, c = mesh["vertices"], mesh["faces"], mesh["colors"]
-    export.write_obj(os.path.join(workdir, "mesh.obj"), v, f, c)
-    export.write_ply(os.path.join(workdir, "mesh.ply"), v, f, c)
-    out.update(mesh_vertices=len(v), mesh_faces=len(f))
-    return out
+    return {"video": str(video), **export.write_field_assets(
+        workdir, field, params["field"], resolution=oc.mesh_resolution,
+        bound=config.render.scene_radius, threshold=oc.mesh_threshold,
+        texture_size=oc.texture_size)}
 
 
 def evaluate_views(field: MLPField, params, config, views: np.ndarray | None = None) -> dict:

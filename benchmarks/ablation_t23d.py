@@ -142,8 +142,7 @@ def score(measure, evaluator, views: np.ndarray, acc: np.ndarray) -> dict:
     for j in range(v):
         x = views[:, j].astype(np.float32) / 127.5 - 1.0
         m = measure(x)
-        none = (shapes_eval.object_probability(evaluator, x) < 0.5
-                if shapes_eval.has_object_head(evaluator) else np.zeros(n, bool))
+        none = shapes_eval.no_object(evaluator, x)
         hit = np.asarray(m["per_prompt"]["both"], bool) & ~none & ~empty
         m["per_prompt"]["both"] = hit.astype(float).tolist()
         m["both"] = float(hit.mean())

@@ -130,14 +130,14 @@ def test_shipped_evaluator_says_no_object(shipped, held_out):
     (fog, soft bands and glows) do not, and then score 0 for every prompt."""
     images, prompts, _, _ = held_out
     assert shapes_eval.has_object_head(shipped)
-    assert np.mean(shapes_eval.object_probability(shipped, images) >= 0.5) >= 0.97
+    assert np.mean(shapes_eval.no_object(shipped, images)) <= 0.03
     u8 = np.round((images + 1.0) * 127.5).astype(np.uint8)
     degraded = shapes.degrade(u8, seed=123)
-    assert np.mean(shapes_eval.object_probability(shipped, degraded) >= 0.5) >= 0.9
+    assert np.mean(shapes_eval.no_object(shipped, degraded)) <= 0.1
     none = shapes.render_no_object(123, "eval_test", 80)
     grey = np.full((4, 32, 32, 3), np.mean(shapes.BACKGROUND) * 2.0 - 1.0, np.float32)
-    assert np.all(shapes_eval.object_probability(shipped, grey) < 0.5)
-    assert np.mean(shapes_eval.object_probability(shipped, none) < 0.5) >= 0.9
+    assert np.all(shapes_eval.no_object(shipped, grey))
+    assert np.mean(shapes_eval.no_object(shipped, none)) >= 0.9
     assert shapes_eval.accuracy(shipped, grey, prompts[:4]) == 0.0
     assert shapes_eval.r_precision(shipped, grey, prompts[:4]) == 0.0
 

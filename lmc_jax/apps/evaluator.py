@@ -98,15 +98,14 @@ def _object_metrics(evaluator: shapes_eval.Evaluator, test_images: np.ndarray,
     degraded copies (object; another seed than training's) and no-object scenes ('eval_test'
     split), and the no-object recall per kind."""
     none = shapes.render_no_object(dc.seed, "eval_test", dc.no_object_test, dc.resolution)
-    p_none = shapes_eval.object_probability(evaluator, none)
+    is_none = shapes_eval.no_object(evaluator, none)
     kinds = np.arange(len(none)) % len(shapes.NO_OBJECT_KINDS)
     out = {
-        "test_object_recall": float(np.mean(
-            shapes_eval.object_probability(evaluator, test_images) >= 0.5)),
-        "test_degraded_object_recall": float(np.mean(shapes_eval.object_probability(
-            evaluator, shapes.degrade(test_images, dc.seed + 1)) >= 0.5)),
-        "test_no_object_recall": float(np.mean(p_none < 0.5)),
+        "test_object_recall": float(np.mean(~shapes_eval.no_object(evaluator, test_images))),
+        "test_degraded_object_recall": float(np.mean(~shapes_eval.no_object(
+            evaluator, shapes.degrade(test_images, dc.seed + 1)))),
+        "test_no_object_recall": float(np.mean(is_none)),
     }
     for k, kind in enumerate(shapes.NO_OBJECT_KINDS):
-        out[f"test_no_object_recall_{kind}"] = float(np.mean(p_none[kinds == k] < 0.5))
+        out[f"test_no_object_recall_{kind}"] = float(np.mean(is_none[kinds == k]))
     return out

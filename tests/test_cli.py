@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from _runs import one_error_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -14,15 +15,6 @@ def _main(*args, timeout=600):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, "-m", "lmc_jax.main", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def _assert_one_clear_error(proc, *needles):
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert lines and lines[-1].startswith("error: "), proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    for needle in needles:
-        assert needle in lines[-1], lines[-1]
 
 
 def test_testbed_exact_end_to_end(tmp_path):
@@ -42,26 +34,26 @@ def test_testbed_exact_end_to_end(tmp_path):
     ("--config.guidance.wieght=3", ["'guidance.wieght'", "--config.guidance."]),
 ])
 def test_unknown_config_key(override, needles):
-    _assert_one_clear_error(_main("--config=configs/synth.py:mixture", override), *needles)
+    one_error_line(_main("--config=configs/synth.py:mixture", override), *needles)
 
 
 def test_empty_prompt(tmp_path):
     proc = _main("--config=configs/synth.py:mixture", "--config.prompt= ", f"--workdir={tmp_path}")
-    _assert_one_clear_error(proc, "prompt is empty")
+    one_error_line(proc, "prompt is empty")
 
 
 def test_nonpositive_steps(tmp_path):
     proc = _main("--config=configs/synth.py:mixture", "--config.steps=0", f"--workdir={tmp_path}")
-    _assert_one_clear_error(proc, "steps must be > 0")
+    one_error_line(proc, "steps must be > 0")
 
 
 def test_missing_weights_path(tmp_path):
     missing = str(tmp_path / "no-such-sd")
     proc = _main("--config=configs/synth.py", f"--config.prior.path={missing}",
                  f"--workdir={tmp_path}")
-    _assert_one_clear_error(proc, missing, ":tiny")
+    one_error_line(proc, missing, ":tiny")
 
 
 def test_unknown_preset_and_missing_config_file():
-    _assert_one_clear_error(_main("--config=configs/synth.py:tyni"), "'tyni'", "tiny")
-    _assert_one_clear_error(_main("--config=configs/no_such.py"), "no_such.py")
+    one_error_line(_main("--config=configs/synth.py:tyni"), "'tyni'", "tiny")
+    one_error_line(_main("--config=configs/no_such.py"), "no_such.py")

@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+from _runs import one_error_line, tree
 
 from lmc_jax import main as main_mod
 from lmc_jax import workdir as wd_mod
@@ -28,28 +29,6 @@ def _cli(*args, timeout=300):
     env = dict(os.environ, JAX_PLATFORMS="cpu", LMC_JAX_NO_REEXEC="1")
     return subprocess.run([sys.executable, "-m", "lmc_jax.main", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def _one_error_line(proc, *needles) -> str:
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert lines and lines[-1].startswith("error: "), proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    for needle in needles:
-        assert needle in lines[-1], lines[-1]
-    return lines[-1]
-
-
-def _tree(path) -> dict:
-    """{relative path: bytes} of every file under `path` (and the folders, as None)."""
-    out = {}
-    for d, dirs, files in os.walk(path):
-        for name in dirs:
-            out[os.path.relpath(os.path.join(d, name), path)] = None
-        for name in files:
-            with open(os.path.join(d, name), "rb") as f:
-                out[os.path.relpath(os.path.join(d, name), path)] = f.read()
-    return out
 
 
 @pytest.fixture
@@ -73,10 +52,10 @@ def test_busy_workdir_names_the_other_process(holder):
                                         rf"{socket.gethostname()}, started .*the holder"):
         wd_mod.WorkdirLock(str(wd)).acquire()
     # The CLI stops at once, before loading any app, and leaves the folder alone.
-    before = _tree(wd)
+    before = tree(wd)
     cli = _cli("--config=configs/synth.py:mixture", f"--workdir={wd}")
-    _one_error_line(cli, f"pid {proc.pid}", "pick another --workdir")
-    assert _tree(wd) == before
+    one_error_line(cli, f"pid {proc.pid}", "pick another --workdir")
+    assert tree(wd) == before
 
 
 def test_stale_lock_is_taken_over_with_a_note(tmp_path, caplog):
@@ -100,7 +79,7 @@ def test_workdir_that_is_a_file_or_unwritable(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"is a file, not a folder; pick another --workdir"):
         wd_mod.WorkdirLock(str(f)).acquire()
     cli = _cli("--config=configs/synth.py:mixture", f"--workdir={f}")
-    _one_error_line(cli, "is a file")
+    one_error_line(cli, "is a file")
     assert f.read_text() == "x"
 
     real_open = os.open
@@ -144,10 +123,10 @@ def test_refused_run_leaves_the_folder_as_it_was(tmp_path):
     old = tmp_path / "old"
     (old / "checkpoints" / "5").mkdir(parents=True)
     (old / "config.json").write_text('{"app": "earlier"}\n')
-    before = _tree(old)
+    before = tree(old)
     with pytest.raises(UserError):
         main_mod.train_and_evaluate(config, str(old))
-    assert _tree(old) == before
+    assert tree(old) == before
 
 
 def test_config_json_is_written_only_when_the_run_starts(tmp_path):

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from _runs import tree
 
 from lmc_jax import writer as writer_mod
 from lmc_jax.apps import bias as bias_app
@@ -154,17 +155,6 @@ def test_shape_changing_config_is_refused_with_the_keys(t23d_runs, bias_runs, tm
     _assert_same(params, bias_runs["params_full"])
 
 
-def _tree(path: str) -> dict:
-    out = {}
-    for d, dirs, files in os.walk(path):
-        for name in dirs:
-            out[os.path.relpath(os.path.join(d, name), path)] = None
-        for name in files:
-            with open(os.path.join(d, name), "rb") as f:
-                out[os.path.relpath(os.path.join(d, name), path)] = f.read()
-    return out
-
-
 def test_refused_runs_leave_the_workdir_as_it_was(t23d_runs, tmp_path):
     """Through lmc_jax.main: a resume that changes field.width keeps the folder's config.json
     and everything else byte for byte; an unknown prompt leaves no workdir behind."""
@@ -174,12 +164,12 @@ def test_refused_runs_leave_the_workdir_as_it_was(t23d_runs, tmp_path):
     shutil.copytree(t23d_runs["cut"], wd)
     with open(os.path.join(wd, "config.json"), "w") as f:
         f.write(t23d_config().to_json_best_effort(indent=2) + "\n")
-    before = _tree(wd)
+    before = tree(wd)
     c = t23d_config()
     c.field.width = 32
     with pytest.raises(UserError, match=r"field\.width: 16 -> 32"):
         main.train_and_evaluate(c, wd)
-    assert _tree(wd) == before
+    assert tree(wd) == before
     c = t23d_config()
     c.prompt = "a purple zebra"
     new = tmp_path / "new"

@@ -117,8 +117,11 @@ def test_two_processes_match_one_and_only_process_0_writes(runs):
                for i, w in inside.items()}
     assert outputs[1] == set(), sorted(outputs[1])[:10]
     names = {os.path.relpath(p, wd) for p in outputs[0]}
-    assert {"metrics.jsonl", "metrics.json"} <= names, sorted(names)
-    assert any(n.startswith("config.json") for n in names), sorted(names)  # via a temp file
+    assert "metrics.jsonl" in names, sorted(names)
+    # metrics.json and config.json are written atomically, via a temporary file each.
+    for final in ("metrics.json", "config.json"):
+        assert any(n == final or n.startswith(final + ".tmp") for n in names), sorted(names)
+        assert os.path.isfile(os.path.join(wd, final))
     steps = [json.loads(line)["step"] for line in open(os.path.join(wd, "metrics.jsonl"))]
     assert steps == list(range(1, STEPS + 1))
     assert "outputs in" in runs["outs"][0][0] and "outputs in" in runs["outs"][1][0]

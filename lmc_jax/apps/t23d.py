@@ -23,6 +23,7 @@ keeps the last good checkpoint. Only process 0 writes files.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import namedtuple
@@ -189,6 +190,25 @@ def render_orbit(field: MLPField, params, config, num: int, size: int, elevation
     return orbit_views(field, params, config, num, size, elevation, background)[0]
 
 
+@functools.lru_cache(maxsize=8)
+def _view_renderer(field: MLPField, size: int, scene_radius: float, num_coarse: int,
+                   num_fine: int, background: float) -> Callable:
+    """The jitted `(field params, c2w, fovy) -> (rgb, acc)` of one deterministic view, built
+    once per setting: grids, video and evaluation views reuse the compiled function."""
+
+    @jax.jit
+    def one(p, c2w, fovy):
+        o, d, r = cameras.generate_rays(c2w[None], fovy[None], size, size)
+        out = render_rays(field, p, None, o, d, r, scene_radius=scene_radius,
+                          num_coarse=num_coarse, num_fine=num_fine, randomized=False,
+                          shading_mode=1, light_position=o,
+                          background=jnp.full(3, background, jnp.float32),
+                          compute_normals=True)
+        return out["rgb"][0], out["acc"][0]
+
+    return one
+
+
 def orbit_views(field: MLPField, params, config, num: int, size: int, elevation: float = 15.0,
                 background: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """`render_orbit`'s views (uint8 [N, size, size, 3]) and their accumulated opacity
@@ -197,17 +217,8 @@ def orbit_views(field: MLPField, params, config, num: int, size: int, elevation:
     cams = cameras.orbit_video_cameras(num, elevation=elevation,
                                        distance=float(np.mean(config.camera.distance_range)),
                                        fovy=float(np.mean(config.camera.fovy_range)))
-
-    @jax.jit
-    def one(p, c2w, fovy):
-        o, d, r = cameras.generate_rays(c2w[None], fovy[None], size, size)
-        out = render_rays(field, p, None, o, d, r, scene_radius=rc.scene_radius,
-                          num_coarse=rc.num_coarse, num_fine=rc.num_fine, randomized=False,
-                          shading_mode=1, light_position=o,
-                          background=jnp.full(3, background, jnp.float32),
-                          compute_normals=True)
-        return out["rgb"][0], out["acc"][0]
-
+    one = _view_renderer(field, int(size), float(rc.scene_radius), int(rc.num_coarse),
+                         int(rc.num_fine), float(background))
     # Host copy: this process renders alone (process 0 of a multi-host job writes the outputs).
     p = jax.device_get(params["field"])
     rgb, acc = zip(*[jax.device_get(one(p, cams["c2w"][i], cams["fovy"][i]))

@@ -1,15 +1,12 @@
 """CLIP from a PyTorch-format folder (converted once, cached) and the applications' CLIP figures
 (`clip_view_metrics`), on a tiny random CLIP the test writes."""
 
-import jax
+import _clip
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from lmc_jax import _compat
 from lmc_jax.metrics import clip
-from lmc_jax.priors.sd_tiny import pytorch_state_dict
-from lmc_jax.priors.tokenizer import byte_tokenizer_path
 
 SIZE = 32
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
@@ -23,35 +20,9 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(PyTorch-format folder, the never-saved FlaxCLIPModel, its params, tokenizer)."""
-    from safetensors.numpy import save_file
-
-    tr = _compat.transformers()
-    tokenizer = tr.CLIPTokenizer.from_pretrained(str(byte_tokenizer_path()))
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=4, image_size=SIZE, patch_size=8)
-    config = tr.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
-    model = tr.FlaxCLIPModel(config, _do_init=False)
-    rng = np.random.default_rng(0)
-
-    def leaf(path, spec):
-        if path[-1].key == "logit_scale":
-            return np.asarray(2.6, np.float32)
-        scale = 1 / np.sqrt(spec.shape[0]) if len(spec.shape) > 1 else 0.1
-        return (scale * rng.standard_normal(spec.shape)).astype(np.float32)
-
-    params = jax.tree_util.tree_map_with_path(leaf, dict(model.params_shape_tree))
-    folder = tmp_path_factory.mktemp("clip_pt")
-    config.architectures = ["CLIPModel"]
-    config.save_pretrained(folder)
-    save_file(pytorch_state_dict(params), str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
-    tokenizer.save_pretrained(folder)
-    tr.CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size=SIZE, image_mean=list(MEAN),
-                          image_std=list(STD)).save_pretrained(folder)
+    model, params, tokenizer = _clip.random_clip(SIZE, layers=1)
+    folder = _clip.save_clip(tmp_path_factory.mktemp("clip_pt"), model, params, tokenizer, MEAN,
+                             STD, pytorch=True)
     return folder, model, params, tokenizer
 
 
@@ -91,14 +62,7 @@ def test_clip_view_metrics_against_numpy(tiny, loaded):
     prompt = "a DSLR photo of a teapot"
     cands = [*clip.DEFAULT_PROMPT_SET, prompt]
     out = clip.clip_view_metrics(views, prompt, loaded)
-    pixels = ((((views + 1) / 2) - np.array(MEAN)) / np.array(STD)).transpose(0, 3, 1, 2)
-    image_fn = jax.jit(lambda p, x: model.get_image_features(x, params=p))  # eager is slower
-    text_fn = jax.jit(lambda p, ids, mask: model.get_text_features(ids, mask, params=p))
-    img = np.asarray(image_fn(params, pixels.astype(np.float32)), np.float64)
-    tok = tokenizer(cands, padding=True, return_tensors="np")  # longest, not max_length
-    txt = np.asarray(text_fn(params, tok.input_ids, tok.attention_mask), np.float64)
-    cos = (img / np.linalg.norm(img, axis=1, keepdims=True)) @ (
-        txt / np.linalg.norm(txt, axis=1, keepdims=True)).T
+    cos = _clip.numpy_cosines(model, params, tokenizer, views, cands, MEAN, STD)
     true = len(cands) - 1
     assert out["clip_prompt_set_size"] == len(cands)
     assert out["clip_score"] == pytest.approx(np.mean(100 * np.maximum(cos[:, true], 0)),

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-import jax
+import _clip
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
@@ -26,7 +26,6 @@ from lmc_jax.errors import UserError
 from lmc_jax.metrics import Unavailable, clip, color
 from lmc_jax.metrics.convert_lpips import convert, save, torchvision_conv_indices
 from lmc_jax.metrics.convert_lpips import main as convert_main
-from lmc_jax.priors.tokenizer import byte_tokenizer_path
 
 # `lmc_jax.metrics.lpips` is the function (re-exported); the module is reached through sys.modules.
 L = importlib.import_module("lmc_jax.metrics.lpips")
@@ -53,44 +52,12 @@ def _smooth_images(rng, n, h, w):
 # CLIP
 
 
-def _random_clip_params(shapes, seed):
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, spec):
-        kind, shape = path[-1].key, tuple(spec.shape)
-        if kind == "logit_scale":
-            return np.asarray(np.log(1 / 0.07), np.float32)
-        if kind == "kernel":
-            return (rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))).astype(np.float32)
-        if kind == "bias":
-            return (0.1 * rng.standard_normal(shape)).astype(np.float32)
-        if kind == "scale":
-            return (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-        return rng.standard_normal(shape).astype(np.float32)  # embeddings, class_embedding
-
-    return jax.tree_util.tree_map_with_path(leaf, dict(shapes))
-
-
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """(folder, FlaxCLIPModel, its params, tokenizer): a random CLIP saved like a download."""
-    tr = _compat.transformers()
-    tokenizer = tr.CLIPTokenizer.from_pretrained(str(byte_tokenizer_path()))
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, image_size=CLIP_SIZE, patch_size=8)
-    config = tr.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
-    model = tr.FlaxCLIPModel(config, _do_init=False)
-    params = _random_clip_params(model.params_shape_tree, seed=0)
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    model.save_pretrained(folder, params=params)
-    tokenizer.save_pretrained(folder)
-    processor = tr.CLIPImageProcessor(size={"shortest_edge": CLIP_SIZE}, crop_size=CLIP_SIZE,
-                                      image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
-    processor.save_pretrained(folder)
+    model, params, tokenizer = _clip.random_clip(CLIP_SIZE)
+    folder = _clip.save_clip(tmp_path_factory.mktemp("tiny_clip"), model, params, tokenizer,
+                             CLIP_MEAN, CLIP_STD)
     return folder, model, params, tokenizer
 
 
@@ -110,16 +77,8 @@ def clip_images():
 def numpy_cosines(tiny_clip, clip_images):
     """[6, 5] cosines of images x PROMPTS from the original (never saved) model, in numpy."""
     _, model, params, tokenizer = tiny_clip
-    x01 = np.clip((clip_images.astype(np.float64) + 1) / 2, 0, 1)
-    pixels = ((x01 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)).transpose(0, 3, 1, 2)
-    image_fn = jax.jit(lambda p, x: model.get_image_features(x, params=p))  # eager is slower
-    text_fn = jax.jit(lambda p, ids, mask: model.get_text_features(ids, mask, params=p))
-    img = np.asarray(image_fn(params, pixels.astype(np.float32)), np.float64)
-    tok = tokenizer(PROMPTS, padding=True, return_tensors="np")  # longest, not max_length
-    txt = np.asarray(text_fn(params, tok.input_ids, tok.attention_mask), np.float64)
-    img /= np.linalg.norm(img, axis=1, keepdims=True)
-    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
-    return img @ txt.T
+    return _clip.numpy_cosines(model, params, tokenizer, clip_images, PROMPTS, CLIP_MEAN,
+                               CLIP_STD)
 
 
 def test_clip_score_matches_numpy_cosine(loaded_clip, clip_images, numpy_cosines):

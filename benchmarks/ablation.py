@@ -305,10 +305,12 @@ def optimise(prior, prompts: list[str], config, gcfg, seed: int, negative: str |
 
 
 def cell(values: Sequence[float], digits: int) -> str:
-    """'mean+-std' over seeds (ddof 0)."""
+    """'mean+-std' over seeds (ddof 0); the value alone for one seed."""
     v = np.asarray(values, float)
     if not np.all(np.isfinite(v)):
         return "n/a"
+    if v.size == 1:
+        return f"{v[0]:.{digits}f}"
     return f"{v.mean():.{digits}f}±{v.std():.{digits}f}"
 
 

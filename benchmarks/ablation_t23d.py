@@ -169,10 +169,11 @@ def table(results: dict, labels: dict) -> str:
         runs = list(res["seeds"].values())
         row = [labels[key]]
         row += [ablation.cell([r[name] for r in runs], digits) for name, _, digits in COLUMNS]
-        secs = [r.get("seconds", 0.0) for r in runs]
-        row.append(f"{np.mean(secs):.0f}" if any(secs) else "-")
+        row.append(str(len(runs)))
         rows.append(row)
-    return io.format_table(rows, ["row", *(c[1] for c in COLUMNS), "s/25 scenes"])
+    # Training seconds are in the JSON (per seed), not here: cells trained at other machine
+    # loads are not comparable.
+    return io.format_table(rows, ["row", *(c[1] for c in COLUMNS), "seeds"])
 
 
 def load_views(path: str) -> dict:

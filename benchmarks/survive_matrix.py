@@ -33,6 +33,8 @@ import sys
 import tempfile
 import time
 
+from lmc_jax import workdir as lmc_workdir
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 8, 2
 TINY = {"steps": STEPS, "render.size": 8, "render.num_coarse": 4, "render.num_fine": 4,
@@ -89,21 +91,6 @@ class Bench:
         self.rows.append(r)
         cells = " ".join(f"{k}={v}" for k, v in r.items() if k != "line")
         print(f"{cells}  {r.get('line', '')[:150]}", flush=True)
-
-
-def _tree(path: str) -> dict | None:
-    if not os.path.exists(path):
-        return None
-    if not os.path.isdir(path):
-        return {"": open(path, "rb").read()}
-    out = {}
-    for d, dirs, files in os.walk(path):
-        for name in dirs:
-            out[os.path.relpath(os.path.join(d, name), path)] = None
-        for name in files:
-            with open(os.path.join(d, name), "rb") as f:
-                out[os.path.relpath(os.path.join(d, name), path)] = f.read()
-    return out
 
 
 def _last_line(err: str) -> str:
@@ -233,7 +220,7 @@ def matrix(b: Bench, only: str = "") -> None:
             holder = subprocess.Popen([sys.executable, "-c", holder_code, wd], cwd=ROOT,
                                       env=b.env, stdout=subprocess.PIPE, text=True)
             holder.stdout.readline()
-        before = _tree(wd)
+        before = lmc_workdir.snapshot(wd)
         p = b.run(_args(wd, **over), **env)
         if holder is not None:
             holder.kill()
@@ -241,7 +228,7 @@ def matrix(b: Bench, only: str = "") -> None:
         line = _last_line(p.stderr)
         one = line.startswith("error: ") and "Traceback" not in p.stderr
         # A disk-full run keeps what it had (checkpoint 2); every other case changes nothing.
-        kept = (_tree(wd) == before if "disk full" not in name
+        kept = (lmc_workdir.snapshot(wd) == before if "disk full" not in name
                 else (_digest(wd) or (0,))[0] == 2)
         b.row(kind="input", case=name, exit=p.returncode, one_line=one, unchanged=kept,
               ok=p.returncode == 2 and one and kept, line=line)

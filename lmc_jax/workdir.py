@@ -183,6 +183,25 @@ def _remove_empty_tree(path: str) -> bool:
     return empty
 
 
+def snapshot(path: str | os.PathLike) -> dict | None:
+    """A path's exact contents: {relative path: bytes} of every file under a folder (folders as
+    None), {"": bytes} for a file, None when nothing is there. Equal snapshots before and after a
+    refused run are what "loses nothing" means (tests and benchmarks/survive_matrix.py)."""
+    if not os.path.exists(path):
+        return None
+    if not os.path.isdir(path):
+        with open(path, "rb") as f:
+            return {"": f.read()}
+    out = {}
+    for d, dirs, files in os.walk(path):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(d, name), path)] = None
+        for name in files:
+            with open(os.path.join(d, name), "rb") as f:
+                out[os.path.relpath(os.path.join(d, name), path)] = f.read()
+    return out
+
+
 def set_pending_config(workdir: str, text: str) -> None:
     """Registers the config text `commit_config` will write to `<workdir>/config.json`."""
     _pending.clear()

@@ -6,17 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 
+from lmc_jax import workdir
+
 
 def tree(path: str | os.PathLike) -> dict:
     """{relative path: bytes} of every file under `path` (and the folders, as None)."""
-    out = {}
-    for d, dirs, files in os.walk(path):
-        for name in dirs:
-            out[os.path.relpath(os.path.join(d, name), path)] = None
-        for name in files:
-            with open(os.path.join(d, name), "rb") as f:
-                out[os.path.relpath(os.path.join(d, name), path)] = f.read()
-    return out
+    return workdir.snapshot(path) or {}
 
 
 def one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:

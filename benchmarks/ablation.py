@@ -167,23 +167,41 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 # The experiment.
 
 
-def prompts_of_the_world() -> list[str]:
-    """The 25 prompts "a {colour} {shape}", in class order (`shapes.class_of(0..24)`)."""
+def world_classes(patterned: bool) -> np.ndarray:
+    """The 25 prompts' classes (`shapes.world_class`), in (shape, colour) class order: the plain
+    world's 25, or in the patterned world each (shape, colour) once, in pattern
+    `1 + (shape + colour) mod 3` (striped, checkered, dotted: 8 or 9 prompts each; a Latin
+    square, so every shape and every colour meets every pattern)."""
     from lmc_jax.data import shapes
 
-    return [shapes.caption(int(s), int(c))
-            for s, c in (shapes.class_of(k) for k in range(shapes.NUM_CLASSES))]
+    s, c = shapes.class_of(np.arange(shapes.NUM_CLASSES))
+    pattern = 1 + (s + c) % 3 if patterned else np.zeros_like(s)
+    return shapes.world_class(s, c, pattern)
 
 
-def real_renders(per_prompt: int, offset: int) -> np.ndarray:
-    """[per_prompt, 25, H, W, 3] 'eval_test' renders in [-1, 1]: replicate r of prompt k is
-    example `k + 25 (offset + r)` (class k; disjoint offsets give disjoint sets)."""
+def prompts_of_the_world(patterned: bool = False) -> list[str]:
+    """The 25 prompts "a {colour} {shape}" (patterned: "a {colour} {pattern} {shape}", patterns
+    from `world_classes`), in class order (`shapes.class_of(0..24)`)."""
     from lmc_jax.data import shapes
 
     n = shapes.NUM_CLASSES
-    idx = np.arange(offset * n, (offset + per_prompt) * n)
-    u8 = shapes.render(0, "eval_test", idx, chunk=max(1, len(idx) // len(shapes.SHAPES)))
-    return (u8.astype(np.float32) / 127.5 - 1.0).reshape(per_prompt, n, *u8.shape[1:])
+    return [shapes.caption(*map(int, shapes.class_of(k % n)), pattern=int(k // n))
+            for k in world_classes(patterned)]
+
+
+def real_renders(per_prompt: int, offset: int, patterned: bool = False) -> np.ndarray:
+    """[per_prompt, 25, H, W, 3] 'eval_test' renders in [-1, 1] of the 25 prompts' classes:
+    replicate r of class k is example `k + P (offset + r)` (P = 25, or 100 in the patterned
+    world; disjoint offsets give disjoint sets)."""
+    from lmc_jax.data import shapes
+
+    classes = world_classes(patterned)
+    period = shapes.NUM_CLASSES * (len(shapes.PATTERNS) if patterned else 1)
+    idx = (classes[None, :] + period * (offset + np.arange(per_prompt))[:, None]).ravel()
+    u8 = shapes.render(0, "eval_test", idx, chunk=max(1, len(idx) // len(shapes.SHAPES)),
+                       patterned=patterned)
+    return (u8.astype(np.float32) / 127.5 - 1.0).reshape(per_prompt, len(classes),
+                                                          *u8.shape[1:])
 
 
 def quantise(images: np.ndarray) -> np.ndarray:
@@ -266,6 +284,10 @@ class Measure:
             "colf_ratio": np.asarray(color.colorfulness(images)) / self.ref_colf,
             "sat_ratio": np.asarray(color.saturation_per_image(images, self.ref_colour)),
         }
+        if self.evaluator.module.pattern_head:  # the patterned world's evaluator
+            want = np.asarray([shapes_eval.parse_pattern(p) for p in self.prompts])
+            per_image["pattern"] = (self.evaluator.pattern_probs(images).argmax(-1)
+                                    == want).astype(float)
         out = {k: float(np.mean(v)) for k, v in per_image.items()}
         out["r_precision"] = shapes_eval.r_precision(self.evaluator, images, self.prompts)
         out["fd"] = frechet_distance(evaluator_features(self.evaluator, images),
@@ -324,30 +346,34 @@ def table(results: dict, labels: dict) -> str:
     from lmc_jax import io
 
     rows = []
+    first = next(iter(next(iter(results.values()))["seeds"].values()))
+    columns = COLUMNS[:3] + ((("pattern", "pattern", 2),) if "pattern" in first else ()) \
+        + COLUMNS[3:]
     for key, res in results.items():
         runs = list(res["seeds"].values())
         row = [labels[key]]
-        for name, _, digits in COLUMNS:
+        for name, _, digits in columns:
             vals = [r[name] * (100 if name == "clip_frac" else 1) for r in runs]
             row.append(cell(vals, digits))
         secs = [r.get("seconds", 0.0) for r in runs]
         row.append(f"{np.mean(secs):.0f}" if any(secs) else "-")
         rows.append(row)
-    return io.format_table(rows, ["row", *(c[1] for c in COLUMNS), "s/run"])
+    return io.format_table(rows, ["row", *(c[1] for c in columns), "s/run"])
 
 
 def summarise(res: dict) -> None:
     """Adds mean, std over seeds and the spread over prompts of every figure to `res`."""
     runs = list(res["seeds"].values())
-    res["mean"] = {k: float(np.mean([r[k] for r in runs])) for k in FIGURES}
-    res["std_over_seeds"] = {k: float(np.std([r[k] for r in runs])) for k in FIGURES}
+    figures = FIGURES + (("pattern",) if "pattern" in runs[0] else ())
+    res["mean"] = {k: float(np.mean([r[k] for r in runs])) for k in figures}
+    res["std_over_seeds"] = {k: float(np.std([r[k] for r in runs])) for k in figures}
     res["std_over_prompts"] = {
         k: float(np.std(np.mean([r["per_prompt"][k] for r in runs], axis=0)))
         for k in runs[0]["per_prompt"]}
 
 
-def figure(path: str, prompts: list[str], rows: list[tuple[str, np.ndarray, np.ndarray]]
-           ) -> None:
+def figure(path: str, prompts: list[str], rows: list[tuple[str, np.ndarray, np.ndarray]],
+           world: str = "Embedded prior") -> None:
     """Rows of 25 images (label, images [25, H, W, 3] in [-1, 1], evaluator hits [25])."""
     import matplotlib
 
@@ -370,10 +396,10 @@ def figure(path: str, prompts: list[str], rows: list[tuple[str, np.ndarray, np.n
                 spine.set_linewidth(2.0)
             if i == 0:
                 words = prompts[j].split()
-                ax.set_title(f"{words[1]}\n{words[2]}", fontsize=7)
+                ax.set_title(" ".join(words[1:-1]) + "\n" + words[-1], fontsize=7)
             if j == 0:
                 ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
-    fig.suptitle("Embedded prior, 25 prompts, seed 0 (frame: evaluator reads shape and colour "
+    fig.suptitle(f"{world}, {n} prompts, seed 0 (frame: evaluator reads shape and colour "
                  "right = green)", fontsize=8)
     fig.tight_layout(pad=0.3, w_pad=0.1, h_pad=0.2)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -392,6 +418,9 @@ def main() -> None:
                         help="real renders per prompt (references)")
     parser.add_argument("--nfsd-negative", default=NFSD_NEGATIVE,
                         help="NFSD's negative prompt if the config's is not embeddable")
+    parser.add_argument("--world", default="plain", choices=["plain", "patterned"],
+                        help="patterned: the patterned prior (prior.name='embedded_patterned') "
+                             "and 25 patterned prompts (`world_classes`)")
     parser.add_argument("--json", default="")
     parser.add_argument("--figure", default="")
     args = parser.parse_args()
@@ -408,18 +437,23 @@ def main() -> None:
     if args.quick:
         config.steps, config.log_every = 2, 1
         ts, draws, per_prompt = (T_GRID[1], T_GRID[-2]), 1, 1
-    json_path = args.json or (os.path.join(out_dir, "ablation_synth.json") if args.quick else
-                              os.path.join(ROOT, "benchmarks", "results", "ablation_synth.json"))
-    fig_path = args.figure or (os.path.join(out_dir, "ablation_synth.png") if args.quick else
-                               os.path.join(ROOT, "docs", "ablation_synth.png"))
+    patterned = args.world == "patterned"
+    stem = "ablation_patterned" if patterned else "ablation_synth"
+    json_path = args.json or (os.path.join(out_dir, f"{stem}.json") if args.quick else
+                              os.path.join(ROOT, "benchmarks", "results", f"{stem}.json"))
+    fig_path = args.figure or (os.path.join(out_dir, f"{stem}.png") if args.quick else
+                               os.path.join(ROOT, "docs", f"{stem}.png"))
 
+    if patterned:
+        config.prior.name = "embedded_patterned"
     prior = build_prior(config.prior)
-    prompts = prompts_of_the_world()
-    evaluator = shapes_eval.load_shipped_evaluator()
+    prompts = prompts_of_the_world(patterned)
+    evaluator = shapes_eval.load_shipped_evaluator(config.prior.name)
     negative, neg_note = resolve_negative(prior, config.guidance, args.nfsd_negative)
     print(f"NFSD negative prompt: {negative!r} ({neg_note})", flush=True)
-    ref = real_renders(per_prompt, offset=0)
-    held_out = real_renders(len(args.seeds), offset=per_prompt)  # the `real` row's "seeds"
+    ref = real_renders(per_prompt, offset=0, patterned=patterned)
+    held_out = real_renders(len(args.seeds), offset=per_prompt,  # the `real` row's "seeds"
+                            patterned=patterned)
     measure = Measure(prior, prompts, evaluator, ref, ts, draws)
     print(f"references ready ({time.time() - start:.0f} s)", flush=True)
 
@@ -456,6 +490,7 @@ def main() -> None:
     total = time.time() - start
     out = {
         "command": "python " + " ".join(sys.argv), "seconds": total, "prompts": prompts,
+        "world": args.world, "prior": config.prior.name,
         "seeds": args.seeds, "steps": config.steps, "lr": config.lr,
         "optimizer": config.optimizer, "init": config.init, "t_grid": list(ts),
         "eps_draws": draws, "eps_seed": EPS_SEED, "real_per_prompt": per_prompt,
@@ -467,7 +502,8 @@ def main() -> None:
     io.write_json(json_path, out)
     hits = {k: np.asarray(results[k]["seeds"][str(args.seeds[0])]["per_prompt"]["both"]) > 0.5
             for k in shown}
-    figure(fig_path, prompts, [(labels[k], shown[k], hits[k]) for k in shown])
+    figure(fig_path, prompts, [(labels[k], shown[k], hits[k]) for k in shown],
+           "Patterned embedded prior" if patterned else "Embedded prior")
     print(f"wrote {json_path} and {fig_path} ({total:.0f} s)")
 
 

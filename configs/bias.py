@@ -17,6 +17,8 @@ Presets:
 - `:mixture`: the conditional Gaussian mixture (4 colour classes), conditional b_psi.
 - `:embedded`: the embedded prior (lmc_jax.priors.embedded) on its training renders; this is
   the b_psi shipped in lmc_jax/assets/embedded_prior/bias.
+- `:patterned`: the patterned embedded prior (`prior.name='embedded_patterned'`) on its
+  training renders (`data.patterned`); the b_psi shipped in lmc_jax/assets/patterned_prior/bias.
 - `:tiny`: the embedded prior again, a few steps (plumbing, for tests).
 
 Loss weighting (`bias.loss_weight`): 'uniform' (the plain squared error to `sg(x_hat)`) is the
@@ -37,7 +39,8 @@ from lmc_jax.config import parse_preset, prior_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    preset = parse_preset(arg, ["gaussian", "mixture", "embedded", "tiny", "quick"], "bias")
+    preset = parse_preset(arg, ["gaussian", "mixture", "embedded", "patterned", "tiny",
+                                       "quick"], "bias")
     config = ml_collections.ConfigDict()
     config.app = "bias"
     config.seed = 0
@@ -48,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "path": "",  # folder: a directory of images (png/jpg/...)
         "cache_dir": "",  # folder/shapes: where the array_record dataset goes (default workdir)
         "num_images": 4096,  # shapes: training renders used
+        "patterned": False,  # shapes: renders of the patterned world
     })
     config.bias = ml_collections.ConfigDict({
         "features": 32,
@@ -81,11 +85,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.train.steps = 300
         config.train.batch = 16
         config.log_every = 50
-    if preset in ("embedded", "tiny"):
+    if preset in ("embedded", "patterned", "tiny"):
         config.prior = prior_config("embedded", resolution=32)
         config.data.source = "shapes"
         config.train.steps = 1500
         config.log_every = 100
+    if preset == "patterned":
+        config.prior.name = "embedded_patterned"
+        config.data.patterned = True
     if preset == "tiny":
         config.data.num_images = 256
         config.train.steps = 100

@@ -21,6 +21,10 @@ Presets:
   colour and joint accuracy 1.0 on 1000 renders; object recall 1.0 on them and on their
   degraded copies; no-object recall on 1000 scenes 0.993 at the threshold the metrics use
   (p(object) < 0.1; background and fog 1.0, band 0.976, glow 0.996), 0.998 at 1/2.
+- `:patterned`: the patterned world's evaluator (`data.patterned`, `model.pattern_head`: it also
+  names the pattern, plain / striped / checkered / dotted), shipped in
+  lmc_jax/assets/patterned_prior/evaluator; 8000 training renders (80 per shape-colour-pattern
+  class), 2000 steps.
 - `:quick`: 200 + 50 renders at 16x16 (resized to 32x32), 20 steps: plumbing only,
   ~25 s on 2 idle CPU cores, ~40 s on busy ones (mostly compiling the renderer and the step).
 """
@@ -31,7 +35,7 @@ from lmc_jax.config import parse_preset
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    preset = parse_preset(arg, ["quick"], "evaluator")
+    preset = parse_preset(arg, ["quick", "patterned"], "evaluator")
     config = ml_collections.ConfigDict()
     config.app = "evaluator"
     config.seed = 0
@@ -45,11 +49,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "degraded": 3000,  # blurred + fogged copies of the first 'eval_train' renders (objects)
         "no_object_train": 3000,  # scenes without an object
         "no_object_test": 1000,  # held-out ones ('eval_test' split)
+        "patterned": False,  # the patterned world's renders (lmc_jax.data.shapes)
     })
     # object_head: p(object | x), so an empty or foggy scene cannot score as its prompt.
     config.model = ml_collections.ConfigDict({"features": (32, 32, 64, 64), "hidden": 64,
-                                              "object_head": True})
+                                              "object_head": True, "pattern_head": False})
     config.train = ml_collections.ConfigDict({"steps": 1500, "batch": 128, "lr": 3e-3})
+    if preset == "patterned":
+        config.data.patterned = True
+        config.data.train_size = 8000
+        config.model.pattern_head = True
+        config.train.steps = 2000
     if preset == "quick":
         config.data.train_size = 200
         config.data.test_size = 50

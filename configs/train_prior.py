@@ -22,7 +22,16 @@ The shipped weights, in two stages (both measured on 2 CPU cores):
 Parallelism: each batch is split over all devices (`batch` must be a multiple of their number);
 the model is small and replicated on each.
 
-Presets: `:quick` (a few steps on a few images, for tests).
+The patterned world (`:patterned`): the same shapes and colours with a surface pattern named in
+the caption (plain, striped, checkered, dotted: "a red striped ball"; lmc_jax.data.shapes),
+detail a blur destroys. The preset fine-tunes the shipped prior (`init_from='embedded'`; the
+token embeddings of known words are kept, the new words start fresh) on 16k patterned renders:
+
+    python -m lmc_jax.main --config=configs/train_prior.py:patterned --workdir=runs/patterned
+
+Its result ships in lmc_jax/assets/patterned_prior/ (`prior.name='embedded_patterned'`).
+
+Presets: `:quick` (a few steps on a few images, for tests), `:patterned`.
 """
 
 import ml_collections
@@ -31,11 +40,12 @@ from lmc_jax.config import parse_preset
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    preset = parse_preset(arg, ["quick"], "train_prior")
+    preset = parse_preset(arg, ["quick", "patterned"], "train_prior")
     c = ml_collections.ConfigDict()
     c.app = "train_prior"
     c.seed = 0
-    c.data = ml_collections.ConfigDict({"num_train": 16000, "resolution": 32, "cache_dir": ""})
+    c.data = ml_collections.ConfigDict({"num_train": 16000, "resolution": 32, "cache_dir": "",
+                                         "patterned": False})
     c.steps = 3000
     c.batch = 32
     c.lr = 1e-3
@@ -48,6 +58,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 250
     c.keep_checkpoints = 2
+    if preset == "patterned":
+        c.data.patterned = True
+        c.init_from = "embedded"
+        c.steps = 2500
+        c.sample.per_class = 1
     if preset == "quick":
         c.data.num_train = 64
         c.steps = 4

@@ -28,8 +28,9 @@ def prior_config(name: str = "gaussian", **overrides) -> ml_collections.ConfigDi
       bars, checker, dots, rings, diagonal; lmc_jax.priors.gaussian.pattern_classes),
       'tiny_sd' (random SD-architecture, offline), 'embedded' (the
       shipped 32x32 text-to-image prior of coloured shapes, offline; `path` may point at
-      another folder made by configs/train_prior.py) or 'sd' (Stable Diffusion from `path`: a
-      local diffusers folder or a hub id).
+      another folder made by configs/train_prior.py), 'embedded_patterned' (the same shapes
+      with surface patterns, "a red striped ball": configs/train_prior.py:patterned) or 'sd'
+      (Stable Diffusion from `path`: a local diffusers folder or a hub id).
     """
     cfg = ml_collections.ConfigDict({
         "name": name,

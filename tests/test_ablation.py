@@ -123,3 +123,21 @@ def test_the_prompts_are_the_25_classes_in_order(bench):
     for k, p in enumerate(prompts):
         s, c = shapes_eval.parse_prompt(p)
         assert shapes.class_id(s, c) == k
+
+
+def test_the_patterned_prompts_cover_every_shape_colour_and_pattern(bench):
+    from lmc_jax.data import shapes
+    from lmc_jax.metrics import shapes_eval
+
+    prompts = bench.prompts_of_the_world(patterned=True)
+    classes = bench.world_classes(True)
+    patterns = classes // shapes.NUM_CLASSES
+    for k, p in enumerate(prompts):
+        s, c = shapes_eval.parse_prompt(p)
+        assert shapes.class_id(s, c) == k == classes[k] % shapes.NUM_CLASSES
+        assert shapes.PATTERNS[patterns[k]] in p.split() and patterns[k] > 0
+        assert p in {t for t, *_ in shapes.world_captions(True)}
+    s, c = shapes.class_of(np.arange(25))
+    for attr in (s, c):  # a Latin square: every shape and every colour meets every pattern
+        assert {(a, q) for a, q in zip(attr, patterns, strict=True)} == {
+            (a, q) for a in range(5) for q in (1, 2, 3)}

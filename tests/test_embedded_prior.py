@@ -119,3 +119,30 @@ def test_ddim_samples_the_exact_gaussian():
     ratio = power / lam
     assert 0.8 < np.median(ratio) < 1.2, np.median(ratio)
     assert np.all((ratio > 0.5) & (ratio < 1.6)), (ratio.min(), ratio.max())
+
+
+def test_fine_tune_to_the_patterned_world_keeps_word_embeddings(tmp_path, shipped):
+    import json
+
+    import ml_collections
+
+    from lmc_jax.apps.train_prior import initial_params
+
+    tok_dir = embedded.write_word_tokenizer(tmp_path, shapes.vocabulary(patterned=True))
+    unet, text_encoder, tok = embedded.new_modules(tok_dir)
+    config = ml_collections.ConfigDict({"seed": 3, "init_from": "embedded"})
+    params = initial_params(config, unet, text_encoder, tok)
+    fresh = embedded.init_params(unet, text_encoder, 3)
+    path = ("text_model", "embeddings", "token_embedding", "embedding")
+    got, old, new = (functools.reduce(lambda d, k: d[k], path, p["text_encoder"])
+                     for p in (params, shipped.params, fresh))
+    old_vocab = json.loads((embedded.embedded_path() / "tokenizer" / "vocab.json").read_text())
+    new_vocab = tok.get_vocab()
+    assert old_vocab["red</w>"] != new_vocab["red</w>"]  # the ids shift: a copy would be wrong
+    for token, i in new_vocab.items():
+        want = old[old_vocab[token]] if token in old_vocab else new[i]
+        np.testing.assert_allclose(np.asarray(got[i]), np.asarray(want, np.float32),
+                                   err_msg=token)
+    np.testing.assert_array_equal(np.asarray(params["unet"]["conv_in"]["kernel"]),
+                                  np.asarray(shipped.params["unet"]["conv_in"]["kernel"],
+                                             np.float32))

@@ -65,3 +65,49 @@ def test_sdf_sign(fn):
 ])
 def test_sdf_hand_computed_distances(fn, point, expected):
     np.testing.assert_allclose(float(fn(jnp.array(point))), expected, atol=1e-5)
+
+
+def test_patterned_world_captions_and_classes():
+    world = shapes.world_captions(True)
+    assert len(world) == len(shapes.PATTERNS) * len(shapes.all_captions())
+    # The plain world is the patterned world's pattern-0 part, caption for caption.
+    assert [(t, s, c) for t, s, c, p in world if p == 0] == shapes.all_captions()
+    assert shapes.caption(0, 0, pattern=1) == "a red striped sphere"
+    assert shapes.caption(4, 3, synonym=0, pattern=3) == "a yellow dotted cylinder"
+    assert set(shapes.vocabulary(True)) - set(shapes.vocabulary()) == {"striped", "checkered",
+                                                                        "dotted"}
+    i = np.arange(400)
+    s, c = shapes.class_of(i)
+    np.testing.assert_array_equal(shapes.world_class(s, c, shapes.pattern_of(i, True)), i % 100)
+    np.testing.assert_array_equal(shapes.pattern_of(i, False), 0)
+
+
+@pytest.mark.parametrize("pattern,point,expected", [
+    (0, (0.3, 0.2, 0.1), 0.0),
+    # striped: d = (1, 1, 0)/sqrt(2), P = 0.30; q.d / P = 0.25 (first half) and 0.75 (second).
+    (1, (0.25 * 0.30 / np.sqrt(2), 0.25 * 0.30 / np.sqrt(2), 0.7), 0.0),
+    (1, (0.75 * 0.30 / np.sqrt(2), 0.75 * 0.30 / np.sqrt(2), -0.7), 1.0),
+    # checkered: cells of 0.15; (0, 0, 0) and (1, 0, 0) are neighbours, (1, 1, 0) is not.
+    (2, (0.01, 0.01, 0.01), 0.0),
+    (2, (0.20, 0.01, 0.01), 1.0),
+    (2, (0.20, 0.20, 0.01), 0.0),
+    (2, (-0.01, 0.01, 0.01), 1.0),  # floor(-0.07) = -1
+    # dotted: a lattice point (spacing 0.25) is in a dot; the middle of a cell is not.
+    (3, (0.25, 0.0, -0.5), 1.0),
+    (3, (0.25 + 0.08, 0.0, 0.0), 1.0),  # 0.08 < 0.35 * 0.25
+    (3, (0.125, 0.125, 0.0), 0.0),
+])
+def test_pattern_mask_hand_computed(pattern, point, expected):
+    got = shapes.pattern_mask(jnp.array([point]), jnp.array(pattern))
+    assert float(got[0]) == expected
+
+
+def test_patterned_renders_differ_from_plain_only_in_the_pattern(tmp_path):
+    plain = shapes.render(0, "eval_test", [0, 25, 50], resolution=16, chunk=3)
+    data = shapes.load_arrays("eval_test", 51, str(tmp_path), resolution=16, patterned=True)
+    np.testing.assert_array_equal(data["pattern"][[0, 25, 50]], [0, 1, 2])
+    np.testing.assert_array_equal(data["image"][0], plain[0])  # plain: the same render
+    for k in (1, 2):  # same camera, light and object: equal off the object, not on it
+        diff = np.abs(data["image"][25 * k].astype(int) - plain[k]).sum(-1)
+        corners = np.concatenate([diff[:2, :2].ravel(), diff[-2:, -2:].ravel()])
+        assert diff.max() > 60 and not corners.any()

@@ -105,7 +105,8 @@ def test_load_errors(shipped, tmp_path):
 
 
 def test_missing_shipped_evaluator_says_how_to_train(monkeypatch, tmp_path):
-    monkeypatch.setattr(shapes_eval, "shipped_evaluator_path", lambda: tmp_path / "none")
+    monkeypatch.setattr(shapes_eval, "shipped_evaluator_path",
+                        lambda world="embedded": tmp_path / "none")
     with pytest.raises(UserError, match="configs/evaluator.py"):
         shapes_eval.load_shipped_evaluator()
 
@@ -159,3 +160,23 @@ def test_no_object_scenes_and_degrade():
     same = shapes.degrade((renders * 255).round().astype(np.uint8), 0, max_sigma=0.0,
                           max_fog=0.0)
     np.testing.assert_array_equal(same, (renders * 255).round().astype(np.uint8))
+
+
+def test_parse_pattern():
+    assert shapes_eval.parse_pattern("a red striped ball") == 1
+    assert shapes_eval.parse_pattern("a Dotted cone, blue") == 3
+    assert shapes_eval.parse_pattern("a red ball on a plain background") == 0  # 'plain' scene
+    with pytest.raises(UserError, match="several patterns"):
+        shapes_eval.parse_pattern("a striped checkered box")
+
+
+def test_pattern_labels_need_a_pattern_head():
+    images = np.zeros((4, 16, 16, 3), np.uint8)
+    labels = np.zeros(4, np.int32)
+    with pytest.raises(UserError, match="pattern head"):
+        shapes_eval.train_evaluator(images, labels, labels, 1, 2, 1e-3, 0, patterns=labels)
+    with pytest.raises(UserError, match="pattern head"):
+        shapes_eval.train_evaluator(images, labels, labels, 1, 2, 1e-3, 0,
+                                    module=shapes_eval.ShapeColourNet(pattern_head=True))
+    with pytest.raises(UserError, match="no pattern head"):
+        shapes_eval.load_shipped_evaluator().pattern_probs(images)

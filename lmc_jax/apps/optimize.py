@@ -23,20 +23,26 @@ from lmc_jax.priors.base import Prior
 def evaluator_scores(prior_name: str, images: np.ndarray, prompt: str) -> dict:
     """The shipped shape-and-colour evaluator's figures for `images` ([N, H, W, 3] in [-1, 1])
     made for `prompt` with the embedded prior: `eval_accuracy` (shape and colour both right)
-    and `eval_r_precision` (against all 25 shape-colour prompts); `{}` for other priors
-    (`prior_name` not 'embedded...'), prompts the evaluator cannot read, or no evaluator."""
+    and `eval_r_precision` (against all 25 shape-colour prompts), and with the patterned
+    prior (`prior_name` 'embedded_patterned' or the shipped folder's 'embedded(patterned_prior,
+    ...)') its evaluator's `eval_pattern_accuracy`; `{}` for other priors (`prior_name` not
+    'embedded...'), prompts the evaluator cannot read, or no evaluator."""
     if not prior_name.startswith("embedded"):
         return {}
     from lmc_jax.metrics import shapes_eval
 
+    world = "embedded_patterned" if "patterned" in prior_name else "embedded"
     try:
         shapes_eval.parse_prompt(prompt)
-        evaluator = shapes_eval.load_shipped_evaluator()
+        evaluator = shapes_eval.load_shipped_evaluator(world)
     except UserError:
         return {}
     images = np.clip(np.asarray(images, np.float32), -1.0, 1.0)
-    return {"eval_accuracy": shapes_eval.accuracy(evaluator, images, prompt),
-            "eval_r_precision": shapes_eval.r_precision(evaluator, images, prompt)}
+    out = {"eval_accuracy": shapes_eval.accuracy(evaluator, images, prompt),
+           "eval_r_precision": shapes_eval.r_precision(evaluator, images, prompt)}
+    if evaluator.module.pattern_head:
+        out["eval_pattern_accuracy"] = shapes_eval.pattern_accuracy(evaluator, images, prompt)
+    return out
 
 
 def make_optimizer(name: str, lr: float) -> optax.GradientTransformation:

@@ -401,13 +401,15 @@ def evaluate_views(field: MLPField, params, config, views: np.ndarray | None = N
     lmc_jax.metrics.shapes_eval): the fraction of views classified as the prompt
     (`eval_accuracy`), R-precision against all 25 shape-colour prompts (`eval_r_precision`),
     and the views' colourfulness over that of held-out training renders of the same prompt
-    (`colourfulness_ratio`: 1 is right, > 1 over-saturated). Otherwise `{}`. `views`: those of
+    (`colourfulness_ratio`: 1 is right, > 1 over-saturated); with the patterned prior also
+    the fraction of views whose pattern is the prompt's (`eval_pattern_accuracy`). Otherwise
+    `{}`. `views`: those of
     `eval_views`, when already rendered.
     """
     from lmc_jax.apps.optimize import evaluator_scores
     from lmc_jax.data import shapes
     from lmc_jax.metrics.color import colorfulness
-    from lmc_jax.metrics.shapes_eval import parse_prompt
+    from lmc_jax.metrics.shapes_eval import parse_pattern, parse_prompt
 
     if views is None:
         views = eval_views(field, params, config)[0]
@@ -416,9 +418,11 @@ def evaluate_views(field: MLPField, params, config, views: np.ndarray | None = N
     if not scores:
         return {}
     shape, colour = parse_prompt(config.prompt)
-    k = shapes.class_id(shape, colour)
-    refs = shapes.render(0, "eval_test", np.arange(k, k + 16 * shapes.NUM_CLASSES,
-                                                   shapes.NUM_CLASSES))
+    patterned = "eval_pattern_accuracy" in scores  # the patterned world: its own renders
+    k = shapes.world_class(shape, colour, parse_pattern(config.prompt) if patterned else 0)
+    period = shapes.NUM_CLASSES * (len(shapes.PATTERNS) if patterned else 1)
+    refs = shapes.render(0, "eval_test", np.arange(k, k + 16 * period, period),
+                         patterned=patterned)
     ref_c = float(jnp.mean(colorfulness(jnp.asarray(refs.astype(np.float32) / 127.5 - 1.0))))
     views_c = float(jnp.mean(colorfulness(jnp.asarray(x))))
     return {**scores, "colourfulness": views_c, "colourfulness_ratio": views_c / ref_c}

@@ -27,6 +27,7 @@ accuracy on the samples when an evaluator is available).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -50,16 +51,17 @@ from lmc_jax.priors.sd import PREDICTION_TYPES, alphas_cumprod_from_config, make
 FIXED_KEYS = ("seed", "data.", "batch", "prediction_type", "init_from")
 
 
-def caption_table(tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of every caption variant per class [25, V, L] and of the empty caption [L].
+def caption_table(tokenizer: Any, patterned: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of every caption variant per class [C, V, L] (C = 25, or 100 in the patterned
+    world, indexed by `shapes.world_class`) and of the empty caption [L].
 
     Classes with fewer variants (one shape word) repeat theirs, so each class has V entries.
     """
     per_class: dict[int, list[str]] = {}
-    for text, s, c in shapes.all_captions():
-        per_class.setdefault(shapes.class_id(s, c), []).append(text)
+    for text, s, c, p in shapes.world_captions(patterned):
+        per_class.setdefault(shapes.world_class(s, c, p), []).append(text)
     v = max(len(t) for t in per_class.values())
-    rows = [(per_class[k] * v)[:v] for k in range(shapes.NUM_CLASSES)]
+    rows = [(per_class[k] * v)[:v] for k in range(len(per_class))]
     enc = lambda texts: tokenizer(texts, padding="max_length",  # noqa: E731
                                   max_length=embedded.MAX_TOKENS, truncation=True,
                                   return_tensors="np").input_ids
@@ -114,10 +116,13 @@ def make_train_step(unet: Any, text_encoder: Any, opt: optax.GradientTransformat
     return step_fn
 
 
-def sample_grid(prior, key: jax.Array, w: float, steps: int, per_class: int = 1):
-    """DDIM samples for every 'a {colour} {shape}' prompt: (uint8 [25*per_class,...], prompts)."""
-    prompts = [shapes.caption(s, c) for c in range(len(shapes.COLOURS))
-               for s in range(len(shapes.SHAPES))]
+def sample_grid(prior, key: jax.Array, w: float, steps: int, per_class: int = 1,
+                patterned: bool = False):
+    """DDIM samples for every 'a {colour} {shape}' prompt (and its patterned versions):
+    (uint8 [C*per_class,...], prompts), prompts ordered pattern, colour, shape."""
+    prompts = [shapes.caption(s, c, pattern=p)
+               for p in range(len(shapes.PATTERNS) if patterned else 1)
+               for c in range(len(shapes.COLOURS)) for s in range(len(shapes.SHAPES))]
     prompts = [p for p in prompts for _ in range(per_class)]
     emb_c = prior.embed_text(prompts)
     emb_u = prior.embed_text([""])
@@ -125,14 +130,47 @@ def sample_grid(prior, key: jax.Array, w: float, steps: int, per_class: int = 1)
     return np.asarray(io.to_uint8(np.asarray(x))), prompts
 
 
-def initial_params(config: ml_collections.ConfigDict, unet: Any, text_encoder: Any) -> Any:
-    """Fresh weights from `seed`, or those of the prior at `init_from` ('embedded': shipped)."""
+def remap_token_embedding(loaded: np.ndarray, fresh: np.ndarray, old_vocab: dict[str, int],
+                          new_vocab: dict[str, int]) -> np.ndarray:
+    """The token-embedding matrix for `new_vocab` [V_new, D]: each token's row from `loaded`
+    (indexed by `old_vocab`) where the old tokenizer has the token, else its `fresh` row. The
+    word tokenizer's ids follow the sorted vocabulary, so new words shift the old ids."""
+    out = np.array(fresh, np.float32)
+    for token, i in new_vocab.items():
+        if token in old_vocab:
+            out[i] = np.asarray(loaded[old_vocab[token]], np.float32)
+    return out
+
+
+def initial_params(config: ml_collections.ConfigDict, unet: Any, text_encoder: Any,
+                   tokenizer: Any = None) -> Any:
+    """Fresh weights from `seed`, or those of the prior at `init_from` ('embedded': shipped).
+    A source with another vocabulary (the plain world's prior fine-tuned on the patterned
+    world) keeps its words' embeddings, matched by word (`remap_token_embedding`)."""
     fresh = embedded.init_params(unet, text_encoder, config.seed)
     if not config.init_from:
         return jax.tree_util.tree_map(jnp.asarray, fresh)
-    src = embedded.embedded_prior(path=None if config.init_from == "embedded"
-                                  else config.init_from)
+    folder = embedded.embedded_path() if config.init_from == "embedded" else config.init_from
+    src = embedded.embedded_prior(path=folder)
     loaded = {k: src.params[k] for k in fresh}
+    emb_path = ("text_model", "embeddings", "token_embedding", "embedding")
+    old_vocab_file = os.path.join(folder, "tokenizer", "vocab.json")
+    if tokenizer is not None and os.path.isfile(old_vocab_file):
+        with open(old_vocab_file) as f:
+            old_vocab = json.load(f)
+        new_vocab = tokenizer.get_vocab()
+        if old_vocab != new_vocab:
+            te = loaded["text_encoder"] = jax.tree_util.tree_map(lambda x: x,
+                                                                 loaded["text_encoder"])
+            node, fresh_node = te, fresh["text_encoder"]
+            for k in emb_path[:-1]:
+                node, fresh_node = node[k], fresh_node[k]
+            node[emb_path[-1]] = remap_token_embedding(node[emb_path[-1]],
+                                                       fresh_node[emb_path[-1]],
+                                                       old_vocab, new_vocab)
+            logging.info("token embeddings of %d words kept, %d new",
+                         len(set(old_vocab) & set(new_vocab)),
+                         len(set(new_vocab) - set(old_vocab)))
     want = jax.tree_util.tree_map(lambda x: x.shape, fresh)
     got = jax.tree_util.tree_map(lambda x: x.shape, loaded)
     if want != got:
@@ -158,35 +196,38 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
           ) -> dict[str, Any]:
     """Trains (or resumes) the prior on `mesh` (default: from the config).
 
-    `data`: the training set `{'image' uint8 [N, r, r, 3], 'shape' [N], 'colour' [N]}` (default:
-    `data.num_train` renders of the shapes 'train' split). Returns `{state, losses, seconds,
+    `data`: the training set `{'image' uint8 [N, r, r, 3], 'shape' [N], 'colour' [N]}`, with
+    'pattern' [N] in the patterned world (default: `data.num_train` renders of the shapes
+    'train' split, of the patterned world with `data.patterned`). Returns `{state, losses, seconds,
     unet, text_encoder, tokenizer}`. Raises `lmc_jax.checkpoint.Preempted` (exit status 143)
     after saving on SIGTERM/SIGINT.
     """
     validate(config)
     mesh = mesh if mesh is not None else parallel.mesh_from_config(config)
     parallel.check_batch(config.batch, mesh, "batch")
+    patterned = bool(config.data.get("patterned", False))
     if data is None:
         cache_dir = os.path.expanduser(config.data.cache_dir or os.path.join(workdir, "data"))
         data = shapes.load_arrays("train", config.data.num_train, cache_dir,
-                                  config.data.resolution, config.seed)
+                                  config.data.resolution, config.seed, patterned)
     n = len(data["image"])
     if n < config.batch:
         raise UserError(f"data.num_train={n} is smaller than batch={config.batch}")
     images = data["image"].astype(np.float32) / 127.5 - 1.0
-    labels = shapes.class_id(data["shape"], data["colour"])
+    labels = shapes.world_class(data["shape"], data["colour"],
+                                data.get("pattern", np.zeros_like(data["shape"])))
 
     tok_dir = os.path.join(workdir, "tokenizer")
-    embedded.write_word_tokenizer(tok_dir, shapes.vocabulary())
+    embedded.write_word_tokenizer(tok_dir, shapes.vocabulary(patterned))
     unet, text_encoder, tokenizer = embedded.new_modules(tok_dir)
-    table, null_ids = caption_table(tokenizer)
+    table, null_ids = caption_table(tokenizer, patterned)
     alphas_cumprod = jnp.asarray(alphas_cumprod_from_config(embedded.SCHEDULER))
 
     warmup = min(config.warmup, config.steps // 2)
     lr = optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup, max(config.steps, warmup + 1),
                                             config.lr * 0.05)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.0))
-    params = initial_params(config, unet, text_encoder)
+    params = initial_params(config, unet, text_encoder, tokenizer)
     state = parallel.replicate(init_train_state(params, opt.init(params), extra=params), mesh)
     key = jax.random.PRNGKey(config.seed)
     step_fn = make_train_step(unet, text_encoder, opt, alphas_cumprod, config.ema,
@@ -220,7 +261,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                           name="embedded(trained)")
     grid_images, prompts = sample_grid(prior, jax.random.PRNGKey(config.seed + 1),
                                        config.sample.w, config.sample.steps,
-                                       config.sample.per_class)
+                                       config.sample.per_class,
+                                       bool(config.data.get("patterned", False)))
     metrics: dict[str, Any] = {"steps": config.steps, "train_seconds": seconds,
                                "final_loss": losses[-1] if losses else None,
                                "unet_params": int(sum(x.size for x in
@@ -241,7 +283,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                      tokenizer, host,
                                      prediction_type=config.prediction_type)
         per = config.sample.per_class
-        rows = [grid_images[r * 5 * per:(r + 1) * 5 * per] for r in range(len(shapes.COLOURS))]
+        rows = [grid_images[r * 5 * per:(r + 1) * 5 * per]
+                for r in range(len(grid_images) // (5 * per))]
         io.save_png(os.path.join(workdir, "samples.png"), io.grid(rows), scale=2)
         io.write_json(os.path.join(workdir, "metrics.json"), metrics)
         print(io.format_table([[k, v] for k, v in metrics.items()], ["metric", "value"]))

@@ -133,10 +133,11 @@ def weight_files(folder: Path) -> list[Path]:
 
 def prior_folder(prior_cfg: ml_collections.ConfigDict) -> Path | None:
     """The weights folder (or single file) of a prior config; None for priors without files."""
-    if prior_cfg.name == "embedded":
+    if prior_cfg.name in ("embedded", "embedded_patterned"):
         from lmc_jax.priors.embedded import embedded_path
 
-        return Path(prior_cfg.path).expanduser() if prior_cfg.path else embedded_path()
+        return (Path(prior_cfg.path).expanduser() if prior_cfg.path
+                else embedded_path(prior_cfg.name))
     if prior_cfg.name == "sd":
         from lmc_jax.priors.sd_load import resolve_folder
 

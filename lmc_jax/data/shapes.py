@@ -60,6 +60,11 @@ TEMPLATES = (
 )
 SPLITS = {"train": 0, "eval_train": 1, "eval_test": 2}
 NUM_CLASSES = len(SHAPES) * len(COLOURS)
+# The patterned world (`patterned=True`): every object also has a surface pattern, named in its
+# caption before the shape word ("a red striped ball"); 'plain' has no word, so the plain world
+# is the patterned world's pattern-0 part, caption for caption and pixel for pixel.
+PATTERNS = ("plain", "striped", "checkered", "dotted")
+PATTERN_PERIOD = 0.30  # world units: stripe period, checker cell twice 0.15, dot lattice 0.25
 
 # Scene and camera ranges (world units; the object fits in a sphere of radius ~0.6).
 CAMERA_DISTANCE = (2.0, 2.6)
@@ -81,28 +86,54 @@ def class_id(shape: Any, colour: Any) -> Any:
     return colour * len(SHAPES) + shape
 
 
-def caption(shape: int, colour: int, template: int = 0, synonym: int = 0) -> str:
-    """The caption of (shape, colour): `TEMPLATES[template]` with `SHAPE_WORDS[...][synonym]`."""
+def pattern_of(index: np.ndarray | int, patterned: bool) -> Any:
+    """The pattern id of example `index`: `(index // 25) mod 4` in the patterned world (each
+    block of 25 examples has one pattern, so (shape, colour, pattern) is balanced over every
+    100), 0 ('plain') in the plain world."""
+    index = np.asarray(index)
+    if not patterned:
+        return np.zeros_like(index)
+    return index // NUM_CLASSES % len(PATTERNS)
+
+
+def world_class(shape: Any, colour: Any, pattern: Any = 0) -> Any:
+    """Class index in the patterned world, `pattern * 25 + class_id(shape, colour)` (equal to
+    `class_id` for 'plain')."""
+    return pattern * NUM_CLASSES + class_id(shape, colour)
+
+
+def caption(shape: int, colour: int, template: int = 0, synonym: int = 0,
+            pattern: int = 0) -> str:
+    """The caption of (shape, colour, pattern): `TEMPLATES[template]` with
+    `SHAPE_WORDS[...][synonym]`, the pattern's word (none for 'plain') before the shape's."""
     words = SHAPE_WORDS[SHAPES[shape]]
-    return TEMPLATES[template].format(colour=list(COLOURS)[colour],
-                                      shape=words[synonym % len(words)])
+    word = words[synonym % len(words)]
+    if pattern:
+        word = f"{PATTERNS[pattern]} {word}"
+    return TEMPLATES[template].format(colour=list(COLOURS)[colour], shape=word)
 
 
-def all_captions() -> list[tuple[str, int, int]]:
-    """Every (caption, shape, colour) the prior is trained on, in a fixed order."""
+def world_captions(patterned: bool = False) -> list[tuple[str, int, int, int]]:
+    """Every (caption, shape, colour, pattern) of a world, in a fixed order."""
     out = []
-    for s, name in enumerate(SHAPES):
-        for c in range(len(COLOURS)):
-            for tpl in range(len(TEMPLATES)):
-                for syn in range(len(SHAPE_WORDS[name])):
-                    out.append((caption(s, c, tpl, syn), s, c))
+    for p in range(len(PATTERNS) if patterned else 1):
+        for s, name in enumerate(SHAPES):
+            for c in range(len(COLOURS)):
+                for tpl in range(len(TEMPLATES)):
+                    for syn in range(len(SHAPE_WORDS[name])):
+                        out.append((caption(s, c, tpl, syn, p), s, c, p))
     return out
 
 
-def vocabulary() -> list[str]:
-    """The words (CLIP-tokenizer pieces) of all captions, sorted."""
+def all_captions() -> list[tuple[str, int, int]]:
+    """Every (caption, shape, colour) the embedded prior is trained on, in a fixed order."""
+    return [(text, s, c) for text, s, c, _ in world_captions(False)]
+
+
+def vocabulary(patterned: bool = False) -> list[str]:
+    """The words (CLIP-tokenizer pieces) of all captions of a world, sorted."""
     words = set()
-    for text, _, _ in all_captions():
+    for text, *_ in world_captions(patterned):
         words.update(text.replace(",", " , ").split())
     return sorted(words)
 
@@ -193,10 +224,38 @@ def _orbit_camera(azimuth: jax.Array, elevation: jax.Array, distance: jax.Array,
     return jnp.broadcast_to(eye, dirs.shape), dirs
 
 
+def pattern_mask(q: jax.Array, pattern: jax.Array) -> jax.Array:
+    """[N] 1 where object-space points `q` [N, 3] take the second colour of `pattern`, else 0:
+
+    - striped: bands across d = (1, 1, 0)/sqrt 2, `frac(q.d / P) >= 1/2` (P = PATTERN_PERIOD;
+      a diagonal so that every primitive, the flat torus too, shows several bands);
+    - checkered: a 3-D checkerboard of cells P/2, `(floor(qx/c) + floor(qy/c) + floor(qz/c))
+      mod 2`;
+    - dotted: dots of radius 0.35 L around the points of a cubic lattice of spacing L = 0.25.
+    'plain' (0) is 0 everywhere. Sizes in object units (the objects span about 1 unit, so at
+    32x32 a band is 2-3 pixels wide: detail that a blur of a pixel or two erases)."""
+    d = jnp.array([1.0, 1.0, 0.0]) / np.sqrt(2.0)
+    stripes = jnp.mod(q @ d / PATTERN_PERIOD, 1.0) >= 0.5
+    cells = jnp.floor(q / (0.5 * PATTERN_PERIOD)).sum(-1)
+    checks = jnp.mod(cells, 2.0) >= 0.5
+    lattice = 0.25
+    dots = jnp.linalg.norm(q - lattice * jnp.round(q / lattice), axis=-1) < 0.35 * lattice
+    masks = jnp.stack([jnp.zeros_like(stripes), stripes, checks, dots]).astype(jnp.float32)
+    return masks[pattern]
+
+
+def second_colour(albedo: jax.Array) -> jax.Array:
+    """A pattern's other colour: near white on a dark albedo (luminance < 0.4: red, blue,
+    purple), near black on a light one (green, yellow), so every pattern has contrast."""
+    luminance = albedo @ jnp.array([0.2126, 0.7152, 0.0722])
+    return jnp.where(luminance < 0.4, jnp.full(3, 0.92), jnp.full(3, 0.04))
+
+
 def render_example(key: jax.Array, shape: int, colour: jax.Array,
-                   resolution: int) -> jax.Array:
+                   resolution: int, pattern: jax.Array | int = 0) -> jax.Array:
     """One render of primitive `shape` (a Python int: only its SDF is traced), float32
-    [resolution, resolution, 3] in [0, 1]."""
+    [resolution, resolution, 3] in [0, 1], its surface in `pattern` (`pattern_mask`; the
+    random draws do not depend on it, so pattern 0 gives the plain world's render)."""
     ks = jax.random.split(key, 9)
     u = lambda k, lo, hi: jax.random.uniform(k, (), minval=lo, maxval=hi)  # noqa: E731
     azimuth = u(ks[0], 0.0, 2 * np.pi)
@@ -235,23 +294,29 @@ def render_example(key: jax.Array, shape: int, colour: jax.Array,
     diffuse = jnp.maximum(normal @ light, 0.0)
     reflect = 2.0 * diffuse[:, None] * normal - light
     specular = jnp.maximum(jnp.sum(reflect * -dirs, -1), 0.0) ** 16 * (diffuse > 0)
+    second = pattern_mask((p @ rot) / scale, pattern)[:, None]
+    albedo = albedo * (1.0 - second) + second_colour(albedo) * second
     colour_rgb = albedo * (ambient + (1.0 - ambient) * diffuse[:, None]) + 0.15 * specular[:, None]
     image = jnp.where(hit[:, None], colour_rgb, background)
     image = image.reshape(resolution, SUPERSAMPLE, resolution, SUPERSAMPLE, 3).mean((1, 3))
     return jnp.clip(image, 0.0, 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("resolution", "shape"))
-def _render_chunk(key: jax.Array, indices: jax.Array, resolution: int, shape: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("resolution", "shape", "patterned"))
+def _render_chunk(key: jax.Array, indices: jax.Array, resolution: int, shape: int,
+                  patterned: bool = False) -> jax.Array:
     """Renders examples `indices` that all have primitive `shape` (static: one SDF is traced)."""
     colour = indices % NUM_CLASSES // len(SHAPES)
+    pattern = indices // NUM_CLASSES % len(PATTERNS) if patterned else jnp.zeros_like(indices)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
-    return jax.vmap(render_example, in_axes=(0, None, 0, None))(keys, shape, colour, resolution)
+    return jax.vmap(render_example, in_axes=(0, None, 0, None, 0))(keys, shape, colour,
+                                                                   resolution, pattern)
 
 
 def render(seed: int, split: str, indices: Sequence[int] | np.ndarray,
-           resolution: int = 32, chunk: int = 128) -> np.ndarray:
-    """uint8 renders [len(indices), resolution, resolution, 3] of examples `indices` of `split`."""
+           resolution: int = 32, chunk: int = 128, patterned: bool = False) -> np.ndarray:
+    """uint8 renders [len(indices), resolution, resolution, 3] of examples `indices` of `split`
+    (of the patterned world: `pattern_of(indices, True)`)."""
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
     key = jax.random.fold_in(jax.random.PRNGKey(seed), SPLITS[split])
@@ -264,7 +329,8 @@ def render(seed: int, split: str, indices: Sequence[int] | np.ndarray,
             pos = where[i:i + chunk]
             idx = indices[pos]
             padded = np.concatenate([idx, np.repeat(idx[-1:], chunk - len(idx))])
-            images = np.asarray(_render_chunk(key, jnp.asarray(padded, jnp.int32), resolution, s))
+            images = np.asarray(_render_chunk(key, jnp.asarray(padded, jnp.int32), resolution, s,
+                                              patterned))
             out[pos] = np.round(images[:len(idx)] * 255.0).astype(np.uint8)
     return out
 
@@ -360,8 +426,9 @@ class ShapesDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Rendered primitives with captions, one tfds split per entry of `SPLITS`."""
 
     name = "lmc_shapes"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "5 shapes x 5 colours, sphere-traced SDFs, 2x2 supersampled."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "5 shapes x 5 colours, sphere-traced SDFs, 2x2 supersampled.",
+                     "1.1.0": "A 'pattern' feature; the patterned world (`patterned=True`)."}
 
     @tfds.core.utils.classproperty
     @classmethod
@@ -370,17 +437,20 @@ class ShapesDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return None
 
     def __init__(self, *, sizes: dict[str, int], resolution: int = 32, seed: int = 0,
-                 data_dir: str):
+                 data_dir: str, patterned: bool = False):
         unknown = set(sizes) - set(SPLITS)
         if unknown:
             raise UserError(f"unknown shapes split(s) {sorted(unknown)}; use {list(SPLITS)}")
         self._sizes = {k: int(v) for k, v in sizes.items()}
         self._resolution = int(resolution)
         self._seed = int(seed)
+        self._patterned = bool(patterned)
         tag = "_".join(f"{k}{v}" for k, v in sorted(self._sizes.items()))
+        world = "_patterned" if patterned else ""
         config = tfds.core.BuilderConfig(
-            name=f"res{resolution}_seed{seed}_{tag}",
-            description=f"{resolution}x{resolution} renders, seed {seed}, sizes {self._sizes}",
+            name=f"res{resolution}_seed{seed}_{tag}{world}",
+            description=f"{resolution}x{resolution} renders, seed {seed}, sizes {self._sizes}"
+                        f"{', patterned' if patterned else ''}",
         )
         super().__init__(config=config, data_dir=data_dir, file_format="array_record")
 
@@ -393,6 +463,7 @@ class ShapesDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 "image": tfds.features.Image(shape=(r, r, 3), encoding_format="png"),
                 "shape": tfds.features.ClassLabel(names=list(SHAPES)),
                 "colour": tfds.features.ClassLabel(names=list(COLOURS)),
+                "pattern": tfds.features.ClassLabel(names=list(PATTERNS)),
                 "caption": tfds.features.Text(),
             }),
             metadata=tfds.core.MetadataDict(),
@@ -406,33 +477,37 @@ class ShapesDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         block = 1024
         for start in range(0, n, block):
             idx = np.arange(start, min(start + block, n))
-            images = render(self._seed, split, idx, self._resolution)
+            images = render(self._seed, split, idx, self._resolution,
+                            patterned=self._patterned)
             shapes, colours = class_of(idx)
-            for i, image, s, c in zip(idx, images, shapes, colours, strict=True):
+            patterns = pattern_of(idx, self._patterned)
+            for i, image, s, c, p in zip(idx, images, shapes, colours, patterns, strict=True):
                 yield int(i), {"image": Image.fromarray(image), "shape": int(s), "colour": int(c),
-                               "caption": caption(int(s), int(c))}
+                               "pattern": int(p),
+                               "caption": caption(int(s), int(c), pattern=int(p))}
 
 
 def load_split(split: str, size: int, cache_dir: str, resolution: int = 32,
-               seed: int = 0) -> Any:
+               seed: int = 0, patterned: bool = False) -> Any:
     """The tfds data source of `split` (built under `cache_dir` on first use)."""
     if size < 1:
         raise UserError(f"the shapes split {split!r} needs at least one example, got {size}")
     builder = ShapesDataset(sizes={split: size}, resolution=resolution, seed=seed,
-                            data_dir=os.path.expanduser(cache_dir))
+                            data_dir=os.path.expanduser(cache_dir), patterned=patterned)
     builder.download_and_prepare()
     return builder.as_data_source()[split]
 
 
 def load_arrays(split: str, size: int, cache_dir: str, resolution: int = 32,
-                seed: int = 0) -> dict[str, np.ndarray]:
-    """All of a split in memory: {'image' uint8 [N, r, r, 3], 'shape' [N], 'colour' [N]}."""
-    source = load_split(split, size, cache_dir, resolution, seed)
+                seed: int = 0, patterned: bool = False) -> dict[str, np.ndarray]:
+    """All of a split in memory: {'image' uint8 [N, r, r, 3], 'shape', 'colour', 'pattern'
+    [N]} (of the patterned world with `patterned`)."""
+    source = load_split(split, size, cache_dir, resolution, seed, patterned)
     examples = source.__getitems__(list(range(len(source))))
     return {
         "image": np.stack([ex["image"] for ex in examples]),
-        "shape": np.asarray([ex["shape"] for ex in examples], np.int32),
-        "colour": np.asarray([ex["colour"] for ex in examples], np.int32),
+        **{k: np.asarray([ex[k] for ex in examples], np.int32)
+           for k in ("shape", "colour", "pattern")},
     }
 
 
@@ -455,24 +530,29 @@ def epoch_indices(n: int, batch: int, seed: int) -> Callable[[int], np.ndarray]:
 
 def shapes_source(cfg: Any, prior: Any, batch: int, seed: int, conditional: bool,
                   workdir: str) -> Callable[[int], tuple[jax.Array, jax.Array]]:
-    """`batch(step) -> (x, emb)`: training renders (data.num_images of the 'train' split, in the
-    prior's x space) and the embedding of their canonical caption (`conditional`) or of ""."""
+    """`batch(step) -> (x, emb)`: training renders (data.num_images of the 'train' split, of the
+    patterned world with data.patterned, in the prior's x space) and the embedding of their
+    canonical caption (`conditional`) or of ""."""
     h, w, c = prior.image_shape
     if h != w or c != 3:
         raise UserError(f"data.source='shapes' needs square RGB images; {prior.name!r} takes "
                         f"{h}x{w}x{c}")
     cache_dir = os.path.expanduser(cfg.get("cache_dir", "") or os.path.join(workdir, "data"))
-    data = load_arrays("train", int(cfg.get("num_images", 4096)), cache_dir, h)
+    patterned = bool(cfg.get("patterned", False))
+    data = load_arrays("train", int(cfg.get("num_images", 4096)), cache_dir, h,
+                       patterned=patterned)
     images = data["image"].astype(np.float32) / 127.5 - 1.0
     if prior.kind == "latent":
         images = np.concatenate([np.asarray(prior.encode(jnp.asarray(images[i:i + 16])))
                                  for i in range(0, len(images), 16)])
-    labels = class_id(data["shape"], data["colour"])
+    labels = world_class(data["shape"], data["colour"], data["pattern"])
+    classes = NUM_CLASSES * (len(PATTERNS) if patterned else 1)
     if conditional:
-        table = prior.embed_text([caption(*map(int, class_of(k))) for k in range(NUM_CLASSES)])
+        table = prior.embed_text([caption(*map(int, class_of(k % NUM_CLASSES)),
+                                          pattern=k // NUM_CLASSES) for k in range(classes)])
     else:
         null = prior.embed_text([""])
-        table = jnp.broadcast_to(null, (NUM_CLASSES,) + null.shape[1:])
+        table = jnp.broadcast_to(null, (classes,) + null.shape[1:])
     indices = epoch_indices(len(images), batch, seed)
 
     def get(step: int) -> tuple[jax.Array, jax.Array]:

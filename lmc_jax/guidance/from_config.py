@@ -63,10 +63,13 @@ def learned_b_psi(prior: Prior, gcfg: ml_collections.ConfigDict,
         from lmc_jax.bias.auto import resolve_bias
 
         path = resolve_bias(prior, gcfg, config)
-    if path == "embedded":  # the b_psi shipped with the embedded prior
-        from lmc_jax.priors.embedded import embedded_path
+    if path == "embedded":  # the b_psi shipped with the (plain or patterned) embedded prior
+        from lmc_jax.priors.embedded import SHIPPED, embedded_path
+        from lmc_jax.priors.factory import config_of
 
-        path = str(embedded_path() / "bias")
+        built = config_of(prior)
+        name = built.name if built is not None and built.name in SHIPPED else "embedded"
+        path = str(embedded_path(name) / "bias")
     return load_bias(path, prior)[2]
 
 

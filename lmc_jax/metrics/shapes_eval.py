@@ -21,7 +21,10 @@ Metrics for images `x_n` generated from prompts `y_n = (s_n, c_n)`:
   over candidate prompts `y'_m = (s'_m, c'_m)` (default: all 25 "a {colour} {shape}"), with
   score(x, y') = log p(s' | x) + log p(c' | x).
 
-(Without an object head, p(object | x) = 1.) A view counts as "no object" only when the head is
+(Without an object head, p(object | x) = 1.) The patterned world's evaluator
+(`pattern_head=True`, configs/evaluator.py:patterned, shipped in
+`lmc_jax/assets/patterned_prior/evaluator`) also gives `p(pattern | x)` over `PATTERNS` (plain,
+striped, checkered, dotted): `pattern_accuracy`. A view counts as "no object" only when the head is
 confident, p(object) < NO_OBJECT_BELOW = 0.1: at 1/2, 3% of the views of SDS w = 100's grainy,
 over-saturated text-to-3D objects (benchmarks/ablation_t23d.py, seed 0) were called empty, at
 0.1 one view in 200, while the recall on held-out no-object scenes barely moves (1000 scenes of
@@ -51,7 +54,7 @@ import numpy as np
 import optax
 from flax import serialization
 
-from lmc_jax.data.shapes import COLOURS, SHAPE_WORDS, SHAPES
+from lmc_jax.data.shapes import COLOURS, PATTERNS, SHAPE_WORDS, SHAPES
 from lmc_jax.errors import UserError
 
 INPUT_SIZE = 32
@@ -63,16 +66,19 @@ TRAIN_COMMAND = ("python -m lmc_jax.main --config=configs/evaluator.py --workdir
 
 
 class ShapeColourNet(nn.Module):
-    """Strided 3x3 convs (ReLU), global average pool, a hidden dense layer, two logit heads."""
+    """Strided 3x3 convs (ReLU), global average pool, a hidden dense layer, two logit heads
+    (and optional object and pattern heads)."""
 
     features: Sequence[int] = (32, 32, 64, 64)
     hidden: int = 64
     object_head: bool = False
+    pattern_head: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
-        """x: [N, 32, 32, 3] in [-1, 1] -> (shape logits [N, 5], colour logits [N, 5]) and,
-        with `object_head`, the object logit [N]."""
+        """x: [N, 32, 32, 3] in [-1, 1] -> (shape logits [N, 5], colour logits [N, 5]), then,
+        with `object_head`, the object logit [N] and, with `pattern_head`, the pattern logits
+        [N, 4] (always last)."""
         for i, f in enumerate(self.features):
             x = nn.relu(nn.Conv(f, (3, 3), strides=1 if i == 0 else 2)(x))
         x = nn.relu(nn.Dense(self.hidden)(x.mean(axis=(1, 2))))
@@ -80,6 +86,8 @@ class ShapeColourNet(nn.Module):
                nn.Dense(len(COLOURS), name="colour_head")(x))
         if self.object_head:
             out += (nn.Dense(1, name="object_head")(x)[:, 0],)
+        if self.pattern_head:
+            out += (nn.Dense(len(PATTERNS), name="pattern_head")(x),)
         return out
 
 
@@ -104,11 +112,14 @@ def classify(module: ShapeColourNet, params: Any, images: jax.Array) -> tuple[ja
 
 @functools.partial(jax.jit, static_argnums=0)
 def _probs(module: ShapeColourNet, params: Any, images: jax.Array
-           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+           ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     logits = classify(module, params, images)
+    n = images.shape[0]
     p_object = (jax.nn.sigmoid(logits[2]) if module.object_head
-                else jnp.ones(images.shape[0], jnp.float32))
-    return jax.nn.softmax(logits[0]), jax.nn.softmax(logits[1]), p_object
+                else jnp.ones(n, jnp.float32))
+    p_pattern = (jax.nn.softmax(logits[-1]) if module.pattern_head
+                 else jnp.full((n, len(PATTERNS)), 1.0 / len(PATTERNS)))
+    return jax.nn.softmax(logits[0]), jax.nn.softmax(logits[1]), p_object, p_pattern
 
 
 def _check_images(images: Any) -> np.ndarray | jax.Array:
@@ -137,11 +148,23 @@ class Evaluator:
     def predict(self, images: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(p(shape) [N, 5], p(colour) [N, 5], p(object) [N]); p(object) = 1 without an
         object head."""
+        return self._all(images)[:3]
+
+    def pattern_probs(self, images: Any) -> np.ndarray:
+        """p(pattern) [N, 4] over `PATTERNS`; a UserError for an evaluator without the head."""
+        if not self.module.pattern_head:
+            raise UserError("this evaluator has no pattern head; use the patterned world's "
+                            "(lmc_jax/assets/patterned_prior/evaluator, configs/evaluator.py:"
+                            "patterned)")
+        return self._all(images)[3]
+
+    def _all(self, images: Any) -> tuple[np.ndarray, ...]:
         images = _check_images(images)
         n, size = images.shape[0], images.shape[1]
         if n == 0:
             return (np.zeros((0, len(SHAPES)), np.float32),
-                    np.zeros((0, len(COLOURS)), np.float32), np.zeros((0,), np.float32))
+                    np.zeros((0, len(COLOURS)), np.float32), np.zeros((0,), np.float32),
+                    np.zeros((0, len(PATTERNS)), np.float32))
         # Fixed power-of-two chunks bound the compiled shapes; big images get smaller chunks.
         chunk = max(1, min(256, (1 << 22) // (size * size)))
         chunk = min(chunk, 1 << (n - 1).bit_length())
@@ -152,8 +175,7 @@ class Evaluator:
             if m < chunk:
                 x = jnp.concatenate([x, jnp.zeros((chunk - m, *x.shape[1:]), x.dtype)])
             outs.append([np.asarray(p[:m]) for p in _probs(self.module, self.params, x)])
-        ps, pc, po = (np.concatenate(parts) for parts in zip(*outs, strict=True))
-        return ps, pc, po
+        return tuple(np.concatenate(parts) for parts in zip(*outs, strict=True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,14 +210,18 @@ def _resize_u8(images_u8: np.ndarray) -> np.ndarray:
 def train_evaluator(images_u8: np.ndarray, shapes: np.ndarray, colours: np.ndarray,
                     steps: int, batch: int, lr: float, seed: int,
                     module: ShapeColourNet | None = None, progress: Any = None,
-                    objects: np.ndarray | None = None) -> Any:
+                    objects: np.ndarray | None = None,
+                    patterns: np.ndarray | None = None) -> Any:
     """Trains `ShapeColourNet` (Adam, cosine-decayed `lr`) on uint8 images [N, H, H, 3] with
     labels; returns float32 params.
 
     The loss is the cross-entropy of the shape and colour heads over the batch's images that
     show an object, plus, with `module.object_head`, the binary cross-entropy of the object head
     over all of them. `objects` [N]: 1 where image n shows an object, 0 for a no-object scene
-    (its shape and colour labels are then ignored); default all 1.
+    (its shape and colour labels are then ignored); default all 1. `patterns` [N] (with
+    `module.pattern_head`): the pattern id of each image, or -1 where it has none to learn
+    (no-object scenes, blurred copies); the pattern head's cross-entropy over the others is
+    added.
 
     Each step draws `batch` examples with replacement and augments them (`_augment`) with keys
     folded from `seed` and the step number: the same inputs give the same params. `progress`
@@ -217,6 +243,14 @@ def train_evaluator(images_u8: np.ndarray, shapes: np.ndarray, colours: np.ndarr
         raise UserError(f"train_evaluator's objects must be n = {n} values in {{0, 1}}")
     if not module.object_head and not np.all(objects == 1):
         raise UserError("no-object examples need ShapeColourNet(object_head=True)")
+    if module.pattern_head != (patterns is not None):
+        raise UserError("train_evaluator takes pattern labels exactly when the module has a "
+                        "pattern head (ShapeColourNet(pattern_head=True))")
+    patterns = np.full(n, -1) if patterns is None else np.asarray(patterns)
+    if patterns.shape != (n,) or not np.all((patterns >= -1) & (patterns < len(PATTERNS))):
+        raise UserError(f"train_evaluator's patterns must be n = {n} values in "
+                        f"[-1, {len(PATTERNS)})")
+    labels_p = jnp.asarray(patterns, jnp.int32)
     data = jnp.asarray(_resize_u8(images_u8))
     labels_s = jnp.asarray(shapes, jnp.int32)
     labels_c = jnp.asarray(colours, jnp.int32)
@@ -240,6 +274,12 @@ def train_evaluator(images_u8: np.ndarray, shapes: np.ndarray, colours: np.ndarr
             loss = jnp.sum((ce_s + ce_c) * obj) / jnp.maximum(jnp.sum(obj), 1.0)
             if module.object_head:
                 loss = loss + optax.sigmoid_binary_cross_entropy(out[2], obj).mean()
+            if module.pattern_head:
+                lp = labels_p[idx]
+                has = (lp >= 0).astype(jnp.float32)
+                ce_p = optax.softmax_cross_entropy_with_integer_labels(out[-1],
+                                                                       jnp.maximum(lp, 0))
+                loss = loss + jnp.sum(ce_p * has) / jnp.maximum(jnp.sum(has), 1.0)
             return loss
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -270,10 +310,12 @@ def save_evaluator(path: str | os.PathLike, params: Any, metadata: dict | None =
     (path / PARAMS_FILE).write_bytes(serialization.to_bytes(half))
     meta = {
         "module": {"features": list(module.features), "hidden": int(module.hidden),
-                   "object_head": bool(module.object_head)},
+                   "object_head": bool(module.object_head),
+                   "pattern_head": bool(module.pattern_head)},
         "input_size": INPUT_SIZE,
         "shapes": list(SHAPES),
         "colours": list(COLOURS),
+        **({"patterns": list(PATTERNS)} if module.pattern_head else {}),
         "param_count": param_count(params),
         "metadata": metadata or {},
     }
@@ -293,11 +335,14 @@ def load_evaluator(path: str | os.PathLike) -> Evaluator:
         meta = json.loads((path / META_FILE).read_text())
         module = ShapeColourNet(features=tuple(int(f) for f in meta["module"]["features"]),
                                 hidden=int(meta["module"]["hidden"]),
-                                object_head=bool(meta["module"].get("object_head", False)))
+                                object_head=bool(meta["module"].get("object_head", False)),
+                                pattern_head=bool(meta["module"].get("pattern_head", False)))
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path / META_FILE} is not a valid evaluator description ({e!r}); "
                         f"retrain with configs/evaluator.py") from None
-    for what, names in (("shapes", SHAPES), ("colours", COLOURS)):
+    checks = (("shapes", SHAPES), ("colours", COLOURS)) + (
+        (("patterns", PATTERNS),) if module.pattern_head else ())
+    for what, names in checks:
         if meta.get(what) != list(names):
             raise UserError(f"evaluator {str(path)!r} was trained for {what} {meta.get(what)}, "
                             f"but lmc_jax.data.shapes has {list(names)}; retrain it with "
@@ -314,14 +359,18 @@ def load_evaluator(path: str | os.PathLike) -> Evaluator:
     return Evaluator(module, params, meta.get("metadata", {}))
 
 
-def shipped_evaluator_path() -> Path:
-    """The evaluator shipped with lmc_jax: `lmc_jax/assets/embedded_prior/evaluator`."""
-    return Path(__file__).resolve().parent.parent / "assets" / "embedded_prior" / "evaluator"
+def shipped_evaluator_path(world: str = "embedded") -> Path:
+    """The evaluator shipped with lmc_jax: `lmc_jax/assets/embedded_prior/evaluator`, or with
+    `world='embedded_patterned'` the patterned world's (with a pattern head)."""
+    from lmc_jax.priors.embedded import embedded_path
+
+    return embedded_path(world) / "evaluator"
 
 
-def load_shipped_evaluator() -> Evaluator:
-    """The shipped evaluator; a UserError saying how to train it if it is absent."""
-    path = shipped_evaluator_path()
+def load_shipped_evaluator(world: str = "embedded") -> Evaluator:
+    """The shipped evaluator (of `world`, a prior name); a UserError saying how to train it if
+    it is absent."""
+    path = shipped_evaluator_path(world)
     if not (path / PARAMS_FILE).is_file() or not (path / META_FILE).is_file():
         raise UserError(f"no shipped shape-and-colour evaluator at {path}; train it with "
                         + TRAIN_COMMAND.format(path=path))
@@ -388,6 +437,26 @@ def accuracy(evaluator: Evaluator, images: Any, prompts: str | Sequence[str]) ->
     ps, pc, po = evaluator.predict(images)
     hit = ((ps.argmax(-1) == labels[:, 0]) & (pc.argmax(-1) == labels[:, 1])
            & (po >= NO_OBJECT_BELOW))
+    return float(np.mean(hit)) if len(hit) else float("nan")
+
+
+def parse_pattern(prompt: str) -> int:
+    """The pattern a prompt names (`PATTERNS`; a prompt with no pattern word is 'plain', 0)."""
+    words = set(_PUNCTUATION.sub(" ", prompt.lower()).split())
+    named = [k for k, p in enumerate(PATTERNS) if k and p in words]
+    if len(named) > 1:
+        raise UserError(f"prompt {prompt!r} names several patterns: "
+                        f"{[PATTERNS[k] for k in named]}")
+    return named[0] if named else 0
+
+
+def pattern_accuracy(evaluator: Evaluator, images: Any, prompts: str | Sequence[str]) -> float:
+    """Fraction of images that show an object whose argmax pattern (`Evaluator.pattern_probs`)
+    is their prompt's (`parse_pattern`); needs an evaluator with a pattern head."""
+    prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+    want = np.asarray([parse_pattern(p) for p in prompts])
+    hit = ((evaluator.pattern_probs(images).argmax(-1) == want)
+           & (evaluator.predict(images)[2] >= NO_OBJECT_BELOW))
     return float(np.mean(hit)) if len(hit) else float("nan")
 
 

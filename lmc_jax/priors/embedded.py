@@ -63,9 +63,16 @@ SCHEDULER = {
 }
 
 
-def embedded_path() -> Path:
-    """The shipped pipeline folder, `lmc_jax/assets/embedded_prior/`."""
-    return Path(__file__).resolve().parent.parent / "assets" / "embedded_prior"
+# prior.name -> the shipped pipeline folder under lmc_jax/assets/.
+SHIPPED = {"embedded": "embedded_prior", "embedded_patterned": "patterned_prior"}
+
+
+def embedded_path(name: str = "embedded") -> Path:
+    """The shipped pipeline folder of `name` (`SHIPPED`): `lmc_jax/assets/embedded_prior/`, or
+    `patterned_prior/` (the patterned world, configs/train_prior.py:patterned)."""
+    if name not in SHIPPED:
+        raise UserError(f"no shipped prior {name!r}; choose one of {list(SHIPPED)}")
+    return Path(__file__).resolve().parent.parent / "assets" / SHIPPED[name]
 
 
 def write_word_tokenizer(directory: str | os.PathLike, words: Sequence[str],

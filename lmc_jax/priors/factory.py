@@ -9,7 +9,8 @@ import ml_collections
 from lmc_jax.errors import UserError
 from lmc_jax.priors.base import Prior
 
-PRIOR_NAMES = ("gaussian", "gaussian_mixture", "gaussian_patterns", "tiny_sd", "embedded", "sd")
+PRIOR_NAMES = ("gaussian", "gaussian_mixture", "gaussian_patterns", "tiny_sd", "embedded",
+               "embedded_patterned", "sd")
 
 
 # id(prior) -> (weak reference, the config it was built from); read by `config_of`.
@@ -51,10 +52,11 @@ def _build(cfg: ml_collections.ConfigDict) -> Prior:
 
         return tiny_sd_prior(seed=cfg.seed, image_size=cfg.resolution, dtype=cfg.dtype,
                              attention=cfg.attention)
-    if cfg.name == "embedded":
-        from lmc_jax.priors.embedded import embedded_prior
+    if cfg.name in ("embedded", "embedded_patterned"):
+        from lmc_jax.priors.embedded import embedded_path, embedded_prior
 
-        return embedded_prior(dtype=cfg.dtype, path=cfg.path or None, attention=cfg.attention)
+        return embedded_prior(dtype=cfg.dtype, path=cfg.path or embedded_path(cfg.name),
+                              attention=cfg.attention)
     if cfg.name == "sd":
         from lmc_jax.priors.sd_load import load_stable_diffusion
 

@@ -24,7 +24,10 @@ Presets:
 - `:patterned`: the patterned world's evaluator (`data.patterned`, `model.pattern_head`: it also
   names the pattern, plain / striped / checkered / dotted), shipped in
   lmc_jax/assets/patterned_prior/evaluator; 8000 training renders (80 per shape-colour-pattern
-  class), 2000 steps.
+  class), 2000 steps. Measured on 2 CPU cores shared with other jobs: 185 s rendering, 287 s
+  training. Held out (1000 renders): shape 0.994, colour 1.0, pattern 0.932 (plain 0.896,
+  striped 0.98, checkered 0.98, dotted 0.872: small dots on a far object read as plain);
+  no-object recall 0.995.
 - `:quick`: 200 + 50 renders at 16x16 (resized to 32x32), 20 steps: plumbing only,
   ~25 s on 2 idle CPU cores, ~40 s on busy ones (mostly compiling the renderer and the step).
 """

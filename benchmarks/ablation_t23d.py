@@ -150,14 +150,19 @@ def score(measure, evaluator, views: np.ndarray, acc: np.ndarray) -> dict:
         m["per_prompt"]["r_precision"] = (rp & ~none & ~empty).astype(float).tolist()
         m["r_precision"] = float(np.mean(m["per_prompt"]["r_precision"]))
         m["no_object"] = float(none.mean())
+        if "pattern" in m:  # the patterned world's evaluator: the pattern read right
+            pat = np.asarray(m["per_prompt"]["pattern"], bool) & ~none & ~empty
+            m["per_prompt"]["pattern"] = pat.astype(float).tolist()
+            m["pattern"] = float(pat.mean())
         per_view.append(m)
-    out = {k: float(np.mean([m[k] for m in per_view])) for k in FIGURES
+    figures = FIGURES + (("pattern",) if "pattern" in per_view[0] else ())
+    out = {k: float(np.mean([m[k] for m in per_view])) for k in figures
            if k not in ("empty",)}
     out["empty"] = float(empty.mean())
     out["empty_prompts"] = [measure.prompts[i] for i in np.flatnonzero(empty)]
     out["per_prompt"] = {k: np.mean([m["per_prompt"][k] for m in per_view], 0).round(4).tolist()
                          for k in ("both", "r_precision", "denoise_ratio", "hf_ratio",
-                                   "colf_ratio")}
+                                   "colf_ratio", "pattern") if k in per_view[0]["per_prompt"]}
     return out
 
 
@@ -165,15 +170,18 @@ def table(results: dict, labels: dict) -> str:
     from lmc_jax import io
 
     rows = []
+    first = next(iter(next(iter(results.values()))["seeds"].values()))
+    columns = COLUMNS[:1] + ((("pattern", "pattern", 2),) if "pattern" in first else ()) \
+        + COLUMNS[1:]
     for key, res in results.items():
         runs = list(res["seeds"].values())
         row = [labels[key]]
-        row += [ablation.cell([r[name] for r in runs], digits) for name, _, digits in COLUMNS]
+        row += [ablation.cell([r[name] for r in runs], digits) for name, _, digits in columns]
         row.append(str(len(runs)))
         rows.append(row)
     # Training seconds are in the JSON (per seed), not here: cells trained at other machine
     # loads are not comparable.
-    return io.format_table(rows, ["row", *(c[1] for c in COLUMNS), "seeds"])
+    return io.format_table(rows, ["row", *(c[1] for c in columns), "seeds"])
 
 
 def load_views(path: str) -> dict:
@@ -197,6 +205,9 @@ def main() -> None:
     parser.add_argument("--views", default="", help="npz of the scenes' views (resumable)")
     parser.add_argument("--score-only", action="store_true")
     parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--world", default="plain", choices=["plain", "patterned"],
+                        help="patterned: the patterned prior and evaluator, 25 patterned "
+                             "prompts (benchmarks/ablation.py `world_classes`)")
     parser.add_argument("--json", default="")
     parser.add_argument("--figure", default="")
     args = parser.parse_args()
@@ -219,15 +230,19 @@ def main() -> None:
     if args.quick:
         args.seeds, args.rows = args.seeds[:1], args.rows[:2]
         ts, draws, per_prompt = (ablation.T_GRID[1], ablation.T_GRID[-2]), 1, 1
-    views_path = args.views or os.path.join(res_dir, "ablation_t23d_views.npz")
-    json_path = args.json or os.path.join(res_dir, "ablation_t23d.json")
-    fig_path = args.figure or (os.path.join(out_dir, "ablation_t23d.png") if args.quick else
-                               os.path.join(ROOT, "docs", "ablation_t23d.png"))
+    patterned = args.world == "patterned"
+    stem = "ablation_t23d_patterned" if patterned else "ablation_t23d"
+    views_path = args.views or os.path.join(res_dir, f"{stem}_views.npz")
+    json_path = args.json or os.path.join(res_dir, f"{stem}.json")
+    fig_path = args.figure or (os.path.join(out_dir, f"{stem}.png") if args.quick else
+                               os.path.join(ROOT, "docs", f"{stem}.png"))
 
     start = time.time()
     config = tiny_config(steps) if steps else tiny_config(300)
+    if patterned:
+        config.prior.name = "embedded_patterned"
     prior = build_prior(config.prior)
-    prompts = ablation.prompts_of_the_world()
+    prompts = ablation.prompts_of_the_world(patterned)
     saved = load_views(views_path)
     seconds = {}
     if os.path.exists(views_path + ".json"):
@@ -252,8 +267,8 @@ def main() -> None:
 
     if args.train_only:
         return
-    evaluator = shapes_eval.load_shipped_evaluator()
-    ref = ablation.real_renders(per_prompt, offset=0)
+    evaluator = shapes_eval.load_shipped_evaluator(config.prior.name)
+    ref = ablation.real_renders(per_prompt, offset=0, patterned=patterned)
     measure = ablation.Measure(prior, prompts, evaluator, ref, ts, draws)
     labels = {k: lab for k, lab, _ in rows}
     results: dict = {}
@@ -269,13 +284,16 @@ def main() -> None:
                                  saved[f"{name}/acc"].astype(np.float32) / 255.0)
             runs[str(s)]["seconds"] = seconds.get(name, 0.0)
         if runs:
+            figures = FIGURES + (("pattern",) if "pattern" in next(iter(runs.values()))
+                                 else ())
             results[key] = {"guidance_overrides": overrides, "seeds": runs,
                             "mean": {k: float(np.mean([r[k] for r in runs.values()]))
-                                     for k in FIGURES}}
+                                     for k in figures}}
     text = table(results, labels)
     print(text)
     io.write_json(json_path, {
         "command": "python " + " ".join(sys.argv), "prompts": prompts, "seeds": args.seeds,
+        "world": args.world, "prior": config.prior.name,
         "steps": config.steps, "t_grid": list(ts), "eps_draws": draws,
         "real_per_prompt": per_prompt, "evaluator_no_object_head":
         shapes_eval.has_object_head(evaluator), "seconds": time.time() - start,
@@ -283,7 +301,8 @@ def main() -> None:
     shown = [(labels[k], saved[f"{k}/{args.seeds[0]}/views"][:, 0].astype(np.float32) / 127.5
               - 1.0, np.asarray(results[k]["seeds"][str(args.seeds[0])]["per_prompt"]["both"])
               > 0.5) for k in results if str(args.seeds[0]) in results[k]["seeds"]]
-    ablation.figure(fig_path, prompts, shown)
+    ablation.figure(fig_path, prompts, shown,
+                    "Text-to-3D, patterned prior" if patterned else "Text-to-3D, embedded prior")
     print(f"wrote {json_path}, {fig_path}, {views_path}")
 
 

@@ -51,3 +51,20 @@ def test_patterned_prior_and_evaluator_on_held_out_renders():
     assert pattern_acc >= 0.8 and both_acc >= 0.9
     # The pattern word matters to the prior: with the right one it denoises better.
     assert err_right < 0.9 * err_wrong
+
+
+def test_bias_path_embedded_names_the_patterned_priors_own_b_psi():
+    from lmc_jax.bias.store import load_bias
+    from lmc_jax.config import guidance_config
+    from lmc_jax.guidance.from_config import learned_b_psi
+    from lmc_jax.priors.embedded import embedded_path
+
+    prior = build_prior(prior_config("embedded_patterned"))
+    gcfg = guidance_config(method="lmc", bias="learned", bias_path="embedded")
+    got = learned_b_psi(prior, gcfg)
+    x = 0.5 * jax.random.normal(jax.random.PRNGKey(1), (2, *prior.x_shape))
+    t = jnp.array([200, 700])
+    own = load_bias(str(embedded_path("embedded_patterned") / "bias"), prior)[2]
+    plain = load_bias(str(embedded_path("embedded") / "bias"), prior)[2]
+    np.testing.assert_allclose(got(x, t), own(x, t), atol=1e-6)
+    assert float(jnp.max(jnp.abs(own(x, t) - plain(x, t)))) > 1e-2

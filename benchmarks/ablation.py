@@ -51,6 +51,13 @@ per prompt; outputs in a temporary folder unless given) checks the plumbing (5 m
 Measured cost (`python benchmarks/ablation.py`, 2 CPU cores shared with other jobs, load
 average 6-8): 1747 s (29 min) in all; each (method, seed) optimisation (200 steps, batch 25,
 compile included) 95-196 s, the real-render references 124 s.
+
+`--world patterned` runs the same rows on the patterned prior (`prior.name=
+'embedded_patterned'`, its own b_psi for the LMC rows) with 25 patterned prompts, one per
+(shape, colour) in pattern `1 + (shape + colour) mod 3` (`world_classes`), scored by the
+patterned world's evaluator, which adds a `pattern` column (the evaluator names the prompt's
+pattern); writes benchmarks/results/ablation_patterned.json and docs/ablation_patterned.png.
+1090 s on 2 CPU cores shared with one other job.
 """
 
 from __future__ import annotations

@@ -32,6 +32,10 @@ interrupted run continues), then benchmarks/results/ablation_t23d.json and
 docs/ablation_t23d.png (seed 0, view 0 of every prompt and row; green frame: the evaluator
 reads shape and colour right). `--score-only` re-scores saved views (e.g. with a new
 evaluator). `--quick`: 3 steps, 1 seed, 2 rows, temporary outputs (plumbing, ~3 min).
+
+`--world patterned`: the patterned prior, its b_psi and evaluator (a `pattern` column) and
+benchmarks/ablation.py's 25 patterned prompts; outputs `ablation_t23d_patterned*` (measured:
+823-1006 s per (row, seed) on 2 CPU cores shared by two such runs).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ evaluator). `--quick`: 3 steps, 1 seed, 2 rows, temporary outputs (plumbing, ~3 
 
 `--world patterned`: the patterned prior, its b_psi and evaluator (a `pattern` column) and
 benchmarks/ablation.py's 25 patterned prompts; outputs `ablation_t23d_patterned*` (measured:
-823-1006 s per (row, seed) on 2 CPU cores shared by two such runs).
+546 s per (row, seed) alone on 2 CPU cores, 823-1006 s when two runs share them).
 """
 
 from __future__ import annotations

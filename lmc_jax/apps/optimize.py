@@ -20,6 +20,12 @@ from lmc_jax.guidance import Conditioning, Guidance
 from lmc_jax.priors.base import Prior
 
 
+def shipped_world(prior_name: str) -> str:
+    """The shipped embedded prior a prior name stands for: 'embedded_patterned' for that config
+    name or the shipped folder's loaded name 'embedded(patterned_prior,...)', else 'embedded'."""
+    return "embedded_patterned" if "patterned" in prior_name else "embedded"
+
+
 def evaluator_scores(prior_name: str, images: np.ndarray, prompt: str) -> dict:
     """The shipped shape-and-colour evaluator's figures for `images` ([N, H, W, 3] in [-1, 1])
     made for `prompt` with the embedded prior: `eval_accuracy` (shape and colour both right)
@@ -31,10 +37,9 @@ def evaluator_scores(prior_name: str, images: np.ndarray, prompt: str) -> dict:
         return {}
     from lmc_jax.metrics import shapes_eval
 
-    world = "embedded_patterned" if "patterned" in prior_name else "embedded"
     try:
         shapes_eval.parse_prompt(prompt)
-        evaluator = shapes_eval.load_shipped_evaluator(world)
+        evaluator = shapes_eval.load_shipped_evaluator(shipped_world(prior_name))
     except UserError:
         return {}
     images = np.clip(np.asarray(images, np.float32), -1.0, 1.0)

@@ -406,7 +406,7 @@ def evaluate_views(field: MLPField, params, config, views: np.ndarray | None = N
     `{}`. `views`: those of
     `eval_views`, when already rendered.
     """
-    from lmc_jax.apps.optimize import evaluator_scores
+    from lmc_jax.apps.optimize import evaluator_scores, shipped_world
     from lmc_jax.data import shapes
     from lmc_jax.metrics.color import colorfulness
     from lmc_jax.metrics.shapes_eval import parse_pattern, parse_prompt
@@ -418,7 +418,7 @@ def evaluate_views(field: MLPField, params, config, views: np.ndarray | None = N
     if not scores:
         return {}
     shape, colour = parse_prompt(config.prompt)
-    patterned = "eval_pattern_accuracy" in scores  # the patterned world: its own renders
+    patterned = shipped_world(config.prior.name) == "embedded_patterned"  # its own renders
     k = shapes.world_class(shape, colour, parse_pattern(config.prompt) if patterned else 0)
     period = shapes.NUM_CLASSES * (len(shapes.PATTERNS) if patterned else 1)
     refs = shapes.render(0, "eval_test", np.arange(k, k + 16 * period, period),

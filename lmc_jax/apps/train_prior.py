@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import traverse_util
 
 from lmc_jax import io, parallel
 from lmc_jax.config import require_positive
@@ -153,21 +154,18 @@ def initial_params(config: ml_collections.ConfigDict, unet: Any, text_encoder: A
     folder = embedded.embedded_path() if config.init_from == "embedded" else config.init_from
     src = embedded.embedded_prior(path=folder)
     loaded = {k: src.params[k] for k in fresh}
-    emb_path = ("text_model", "embeddings", "token_embedding", "embedding")
     old_vocab_file = os.path.join(folder, "tokenizer", "vocab.json")
     if tokenizer is not None and os.path.isfile(old_vocab_file):
         with open(old_vocab_file) as f:
             old_vocab = json.load(f)
         new_vocab = tokenizer.get_vocab()
         if old_vocab != new_vocab:
-            te = loaded["text_encoder"] = jax.tree_util.tree_map(lambda x: x,
-                                                                 loaded["text_encoder"])
-            node, fresh_node = te, fresh["text_encoder"]
-            for k in emb_path[:-1]:
-                node, fresh_node = node[k], fresh_node[k]
-            node[emb_path[-1]] = remap_token_embedding(node[emb_path[-1]],
-                                                       fresh_node[emb_path[-1]],
-                                                       old_vocab, new_vocab)
+            key = ("text_model", "embeddings", "token_embedding", "embedding")
+            flat = traverse_util.flatten_dict(loaded["text_encoder"])
+            flat[key] = remap_token_embedding(
+                flat[key], traverse_util.flatten_dict(fresh["text_encoder"])[key], old_vocab,
+                new_vocab)
+            loaded["text_encoder"] = traverse_util.unflatten_dict(flat)
             logging.info("token embeddings of %d words kept, %d new",
                          len(set(old_vocab) & set(new_vocab)),
                          len(set(new_vocab) - set(old_vocab)))

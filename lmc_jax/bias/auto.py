@@ -133,7 +133,7 @@ def weight_files(folder: Path) -> list[Path]:
 
 def prior_folder(prior_cfg: ml_collections.ConfigDict) -> Path | None:
     """The weights folder (or single file) of a prior config; None for priors without files."""
-    if prior_cfg.name in ("embedded", "embedded_patterned"):
+    if prior_cfg.name.startswith("embedded"):  # embedded_path names the shipped ones
         from lmc_jax.priors.embedded import embedded_path
 
         return (Path(prior_cfg.path).expanduser() if prior_cfg.path

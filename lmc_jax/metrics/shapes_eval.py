@@ -455,8 +455,10 @@ def pattern_accuracy(evaluator: Evaluator, images: Any, prompts: str | Sequence[
     is their prompt's (`parse_pattern`); needs an evaluator with a pattern head."""
     prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
     want = np.asarray([parse_pattern(p) for p in prompts])
-    hit = ((evaluator.pattern_probs(images).argmax(-1) == want)
-           & (evaluator.predict(images)[2] >= NO_OBJECT_BELOW))
+    if not evaluator.module.pattern_head:
+        evaluator.pattern_probs(images[:0])  # the error that says which evaluator has one
+    _, _, p_object, p_pattern = evaluator._all(images)  # one pass for both heads
+    hit = (p_pattern.argmax(-1) == want) & (p_object >= NO_OBJECT_BELOW)
     return float(np.mean(hit)) if len(hit) else float("nan")
 
 

@@ -52,7 +52,7 @@ def _build(cfg: ml_collections.ConfigDict) -> Prior:
 
         return tiny_sd_prior(seed=cfg.seed, image_size=cfg.resolution, dtype=cfg.dtype,
                              attention=cfg.attention)
-    if cfg.name in ("embedded", "embedded_patterned"):
+    if cfg.name.startswith("embedded"):  # embedded_path names the shipped ones
         from lmc_jax.priors.embedded import embedded_path, embedded_prior
 
         return embedded_prior(dtype=cfg.dtype, path=cfg.path or embedded_path(cfg.name),

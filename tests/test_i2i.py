@@ -75,3 +75,45 @@ def test_nfsd_conditioning_carries_the_negative_prompt():
                                       - prior.eps(x_t, t, prior.embed_text(["red"] * 3)))
     assert float(jnp.abs(want).max()) > 1e-3
     np.testing.assert_allclose(out.parts["L_proj"], want, rtol=1e-4, atol=1e-5)
+
+
+def test_evaluation_takes_the_prior_weights_as_an_argument():
+    """i2i's held-out evaluation compiles with the prior's weights as an argument. It used to
+    close over them: at SD 2.1-base's size the compiled program held a second 3.5 GB copy of the
+    UNet and the run was killed for memory on a 24 GiB host (benchmarks/real_path.py, i2i). JAX
+    warns about captured constants above `jax_captured_constants_warn_bytes`; set below the
+    weights' size, the warning must not come."""
+    import warnings
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from lmc_jax.config import guidance_config
+    from lmc_jax.guidance.from_config import guidance_record
+    from lmc_jax.priors.sd import tiny_sd_prior
+
+    prior = tiny_sd_prior(image_size=16)
+    weights = sum(a.nbytes for a in jax.tree.leaves(prior.params))
+    guide = guidance_record(prior, guidance_config("sds", w=7.5))
+    net = i2i.Translator(8, 1)
+    params = i2i.init_params(net, prior.x_shape, 0)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, *prior.x_shape))
+    cond = i2i.conditioning(prior, "a photo", 2)
+    evaluate = i2i.make_evaluate(net, prior, guide, jax.random.PRNGKey(2), draws=1)
+    old = jax.config.jax_captured_constants_warn_bytes
+    jax.config.update("jax_captured_constants_warn_bytes", weights // 2)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            evaluate.lower(params, prior.params, x, cond)
+            # the same check sees a closure over the weights (the old evaluation)
+            jax.jit(lambda p, y: evaluate(p, prior.params, y, cond)).lower(params, x)
+    finally:
+        jax.config.update("jax_captured_constants_warn_bytes", old)
+    captured = [str(w.message) for w in seen if "captured during lowering" in str(w.message)]
+    assert len(captured) == 1, (weights, captured)
+    # and it computes: the untrained network is the identity, a finite conditioning norm
+    y, norm = evaluate(params, prior.params, x, cond)
+    np.testing.assert_allclose(y, x, atol=1e-6)
+    assert bool(jnp.isfinite(norm)) and float(norm) > 0

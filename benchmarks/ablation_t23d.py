@@ -73,6 +73,13 @@ ROWS: tuple[tuple[str, str, dict], ...] = (
 )
 FIGURES = ("both", "r_precision", "shape", "colour", "empty", "no_object", "denoise",
            "denoise_ratio", "fd", "hf_ratio", "colf_ratio", "sat_ratio")
+
+
+def figures_of(m: dict) -> tuple[str, ...]:
+    """FIGURES, plus 'pattern' where the scores `m` have it (the patterned world)."""
+    return FIGURES + (("pattern",) if "pattern" in m else ())
+
+
 COLUMNS = (("both", "both", 2), ("r_precision", "R-prec", 2), ("shape", "shape", 2),
            ("colour", "colour", 2), ("empty", "empty", 2), ("no_object", "no-obj", 2),
            ("denoise_ratio", "denoise/real", 2), ("fd", "FD", 1), ("hf_ratio", "HF/real", 2),
@@ -159,8 +166,7 @@ def score(measure, evaluator, views: np.ndarray, acc: np.ndarray) -> dict:
             m["per_prompt"]["pattern"] = pat.astype(float).tolist()
             m["pattern"] = float(pat.mean())
         per_view.append(m)
-    figures = FIGURES + (("pattern",) if "pattern" in per_view[0] else ())
-    out = {k: float(np.mean([m[k] for m in per_view])) for k in figures
+    out = {k: float(np.mean([m[k] for m in per_view])) for k in figures_of(per_view[0])
            if k not in ("empty",)}
     out["empty"] = float(empty.mean())
     out["empty_prompts"] = [measure.prompts[i] for i in np.flatnonzero(empty)]
@@ -288,11 +294,9 @@ def main() -> None:
                                  saved[f"{name}/acc"].astype(np.float32) / 255.0)
             runs[str(s)]["seconds"] = seconds.get(name, 0.0)
         if runs:
-            figures = FIGURES + (("pattern",) if "pattern" in next(iter(runs.values()))
-                                 else ())
             results[key] = {"guidance_overrides": overrides, "seeds": runs,
                             "mean": {k: float(np.mean([r[k] for r in runs.values()]))
-                                     for k in figures}}
+                                     for k in figures_of(next(iter(runs.values())))}}
     text = table(results, labels)
     print(text)
     io.write_json(json_path, {

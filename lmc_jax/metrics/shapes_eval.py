@@ -150,12 +150,16 @@ class Evaluator:
         object head."""
         return self._all(images)[:3]
 
-    def pattern_probs(self, images: Any) -> np.ndarray:
-        """p(pattern) [N, 4] over `PATTERNS`; a UserError for an evaluator without the head."""
+    def require_pattern_head(self) -> None:
+        """A UserError, naming the evaluator that has one, when this one has no pattern head."""
         if not self.module.pattern_head:
             raise UserError("this evaluator has no pattern head; use the patterned world's "
                             "(lmc_jax/assets/patterned_prior/evaluator, configs/evaluator.py:"
                             "patterned)")
+
+    def pattern_probs(self, images: Any) -> np.ndarray:
+        """p(pattern) [N, 4] over `PATTERNS`; a UserError for an evaluator without the head."""
+        self.require_pattern_head()
         return self._all(images)[3]
 
     def _all(self, images: Any) -> tuple[np.ndarray, ...]:
@@ -455,8 +459,7 @@ def pattern_accuracy(evaluator: Evaluator, images: Any, prompts: str | Sequence[
     is their prompt's (`parse_pattern`); needs an evaluator with a pattern head."""
     prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
     want = np.asarray([parse_pattern(p) for p in prompts])
-    if not evaluator.module.pattern_head:
-        evaluator.pattern_probs(images[:0])  # the error that says which evaluator has one
+    evaluator.require_pattern_head()
     _, _, p_object, p_pattern = evaluator._all(images)  # one pass for both heads
     hit = (p_pattern.argmax(-1) == want) & (p_object >= NO_OBJECT_BELOW)
     return float(np.mean(hit)) if len(hit) else float("nan")

@@ -117,7 +117,9 @@ def train_scenes(config, prior, prompts: list[str], seed: int, progress: bool = 
     consts = dict(step.consts, emb_views=jnp.stack(emb))
     axes = {k: (0 if k == "emb_views" else None) for k in consts}
     batched = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *states)
-    vstep = jax.jit(jax.vmap(step.jitted, in_axes=(0, axes)))
+    # The plain step vmapped and jitted once (not the app's jit with its shardings and donation
+    # nested in another jit: docs/design.md, "A crash on some x86 hosts").
+    vstep = jax.jit(jax.vmap(step.fn, in_axes=(0, axes)), donate_argnums=0)
     start = time.time()
     bar = io.progress(range(config.steps), desc=f"{len(prompts)} scenes, seed {seed}",
                       unit="step", disable=not progress)

@@ -62,8 +62,13 @@ def synth_step(prior, method: str, batch: int, bias_dir: str) -> Callable[[], ob
                                              (batch, *prior.image_shape)))
     opt = optax.adam(1e-2)
     step = make_x_step(prior, cond, guide, optimizer=opt, key=jax.random.PRNGKey(2))
-    opt_state, i = opt.init(x), jnp.asarray(7)
-    return lambda: step(x, opt_state, i, prior.params)
+    carry = [x, opt.init(x)]  # the step donates x and opt_state: thread them through
+
+    def call():
+        out = step(*carry, jnp.asarray(7), prior.params)
+        carry[:] = out[:2]
+        return out
+    return call
 
 
 def i2i_step(prior, method: str, batch: int, bias_dir: str) -> Callable[[], object]:
@@ -80,7 +85,7 @@ def i2i_step(prior, method: str, batch: int, bias_dir: str) -> Callable[[], obje
     step = i2i.make_step(net, prior, guide, opt, config.identity_weight, mesh)
     x = jax.random.normal(jax.random.PRNGKey(1), (batch, *prior.x_shape))
     cond = parallel.shard_batch(i2i.conditioning(prior, PROMPT, batch), mesh)
-    return lambda: step(state, x, cond)
+    return _threaded(state, lambda s: step(s, x, cond))
 
 
 def t23d_step(prior, method: str, batch: int, bias_dir: str) -> Callable[[], object]:
@@ -92,7 +97,19 @@ def t23d_step(prior, method: str, batch: int, bias_dir: str) -> Callable[[], obj
     config.guidance = _guidance(method, bias_dir)
     config.batch = batch
     _, state, step = t23d.setup(config, prior, PROMPT, parallel.mesh_from_config(config))
-    return lambda: step(state)
+    return _threaded(state, step)
+
+
+def _threaded(state, step: Callable) -> Callable[[], object]:
+    """A call of `step(state) -> (state, metrics)` that feeds each call the state the previous
+    one returned (the train steps donate their state: a consumed state cannot be reused)."""
+    carry = [state]
+
+    def call():
+        out = step(carry[0])
+        carry[0] = out[0]
+        return out
+    return call
 
 
 BUILDERS = {"synth": synth_step, "i2i": i2i_step, "t23d": t23d_step}

@@ -41,34 +41,13 @@ import jax
 import numpy as np
 
 from lmc_jax import io
+from lmc_jax.priors.sd_shapes import ARCHS
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
 
-# Stable Diffusion 2.1-base, from its unet/, vae/, text_encoder/ and scheduler/ config.json.
-SD21_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                      "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                    "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-    attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
-    flip_sin_to_cos=True, freq_shift=0,
-)
-SD21_VAE = dict(
-    sample_size=512, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512), norm_num_groups=32, scaling_factor=0.18215,
-)
-SD21_TEXT = dict(
-    vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-    num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu",
-)
-SD21_SCHEDULER = {
-    "_class_name": "FlaxDDIMScheduler", "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,
-    "prediction_type": "epsilon", "clip_sample": False, "trained_betas": None,
-}
+# Stable Diffusion 2.1-base, from its unet/, vae/, text_encoder/ and scheduler/ config.json
+# (lmc_jax.priors.sd_shapes keeps the released models' configs).
+SD21_UNET, SD21_VAE, SD21_TEXT, SD21_SCHEDULER = ARCHS["sd21-base"]
 
 # Dense bf16 peak, TFLOP/s, by `device_kind` substring (vendor data sheets).
 PEAK_BF16_TFLOPS = {

@@ -73,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every = 100
     config.checkpoint_every = 1000
     config.keep_checkpoints = 2
-    config.parallel = ml_collections.ConfigDict({"model_axis": 1})  # >1: split the prior
+    config.parallel = ml_collections.ConfigDict({"model_axis": "auto"})  # or a number (parallel.py)
     if preset in ("gaussian", "mixture", "quick"):
         mixture = preset == "mixture"
         config.prior = prior_config("gaussian_mixture" if mixture else "gaussian", resolution=32)

@@ -17,12 +17,22 @@ arrays over M devices.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from lmc_jax.config import guidance_config, parse_preset, prior_config
 
 
+def method_settings(**values) -> ml_collections.ConfigDict:
+    """One method's `per_method` section: w, weighting, t_min, t_max, empty (None: the shared
+    `guidance` value) unless given; typed, so `--config.per_method.M.KEY=...` works."""
+    kinds = {"w": float, "weighting": str, "t_min": int, "t_max": int}
+    return ml_collections.ConfigDict({
+        k: placeholder(kind) if values.get(k) is None else kind(values[k])
+        for k, kind in kinds.items()})
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    preset = parse_preset(arg, ["mixture"], "i2i")
+    preset = parse_preset(arg, ["mixture", "tiny"], "i2i")
     c = ml_collections.ConfigDict()
     c.app = "i2i"
     c.seed = 0
@@ -33,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict({"source": "folder", "path": "", "cache_dir": ""})
     c.net = ml_collections.ConfigDict({"features": 32, "blocks": 3})
     c.identity_weight = 0.1
+    c.lpips_path = ""  # LPIPS-VGG weights (lmc_jax/metrics/lpips.py): held-out LPIPS to the input
     c.steps = 2000
     c.batch = 4
     c.lr = 1e-3
@@ -41,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 500
     c.keep_checkpoints = 2
-    c.parallel = ml_collections.ConfigDict({"model_axis": 1})  # >1: split the prior
+    c.parallel = ml_collections.ConfigDict({"model_axis": "auto"})  # or a number (parallel.py)
     if preset == "mixture":
         c.prompt = "blue"
         c.source_prompt = "red"
@@ -53,4 +64,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval_every = 50
         c.log_every = 25
         c.checkpoint_every = 50
+    if preset == "tiny":
+        c.prompt = "a blue {shape}"  # {shape}: each render's own primitive
+        c.source_prompt = "a red {shape}"  # DDS's source prompt
+        c.prior = prior_config("embedded", resolution=32)
+        c.guidance = guidance_config("lmc", w=7.5, bias="learned", bias_path="embedded")
+        # Each method's own guidance settings over `guidance` (as configs/edit.py's): SDS at
+        # DreamFusion's w = 100, DDS as its official code (W(t) = 1, t in [50, 949),
+        # guidance_scale 7.5 = w 6.5), LMC-SDS at the shared w = 7.5 (docs/baselines.md).
+        c.per_method = ml_collections.ConfigDict({
+            "lmc": method_settings(),
+            "sds": method_settings(w=100.0),
+            "dds": method_settings(w=6.5, weighting="one", t_min=50, t_max=949),
+        })
+        c.data = ml_collections.ConfigDict({
+            "source": "renders", "colour": "red", "split": "train", "num_images": 200,
+            "heldout_split": "eval_test"})
+        c.heldout = 50
+        c.steps = 300
+        c.batch = 8
+        c.eval_every = 100
+        c.log_every = 50
+        c.checkpoint_every = 100
     return c

@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seeds = 1  # > 1: one run per seed (seed, seed + 1, ...), rows of final.png
     config.clip_path = ""  # a CLIP folder or hub id: CLIP score + R-precision of the results
     config.log_every = 50
-    config.parallel = ml_collections.ConfigDict({"model_axis": 1})  # >1: split the prior
+    config.parallel = ml_collections.ConfigDict({"model_axis": "auto"})  # or a number (parallel.py)
     if preset == "tiny":
         config.prompt = "a yellow cone"
         config.prior = prior_config("embedded", resolution=32)

@@ -24,10 +24,10 @@ Presets that need no weights (offline, 2 CPU cores):
 
 Outputs in the workdir: config.json, checkpoints/, tensorboard/, metrics.jsonl,
 metrics.json, grid_<step>.png (fixed views during training), video.mp4 (or .gif), views.png,
-mesh.glb (baked albedo texture), mesh.obj + mesh.mtl + mesh_albedo.png, mesh.ply, report.html
-(everything on one page, offline). output.mesh_threshold: 'auto' (the density level whose
-silhouette covers the rays at least half opaque; lmc_jax.nerf.export.opaque_threshold) or a
-density.
+view_top.png, mesh.glb (baked albedo texture), mesh.obj + mesh.mtl + mesh_albedo.png, mesh.ply
+(one closed mesh in all three, lmc_jax.nerf.export), report.html (everything on one page,
+offline). output.mesh_threshold: 'auto' (the density level whose silhouette covers the rays at
+least half opaque; lmc_jax.nerf.surface.opaque_threshold) or a density.
 """
 
 import ml_collections
@@ -73,16 +73,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "blob_shape": "linear",  # linear | gaussian
     })
     c.reg = ml_collections.ConfigDict({"orientation": 1e-2, "opacity": 1e-3})
+    # view_size: views.png (6 orbit views) and view_top.png (looking down), rendered from the
+    # field. mesh_outlier_fraction: mesh pieces with fewer faces than this fraction of all are
+    # removed (threestudio's isosurface_outlier_n_faces_threshold; 0 keeps every piece).
     c.output = ml_collections.ConfigDict({
-        "video_frames": 60, "video_size": 128, "video_fps": 24,
-        "mesh_resolution": 128, "mesh_threshold": "auto", "texture_size": 1024,
-        "grid_every": 1000,
+        "video_frames": 60, "video_size": 256, "video_fps": 24, "view_size": 256,
+        "mesh_resolution": 128, "mesh_threshold": "auto", "mesh_outlier_fraction": 0.01,
+        "texture_size": 1024, "grid_every": 1000,
     })
     c.clip_path = ""  # a CLIP folder or hub id: CLIP score + R-precision of orbit views
     c.log_every = 50
     c.checkpoint_every = 1000
     c.keep_checkpoints = 2
-    c.parallel = ml_collections.ConfigDict({"model_axis": 1})  # >1: split the prior
+    c.parallel = ml_collections.ConfigDict({"model_axis": "auto"})  # or a number (parallel.py)
     if preset in ("tiny", "mixture"):
         c.steps = 300
         c.render.size = 32
@@ -93,7 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.field.max_deg = 6
         c.lr = 5e-3
         c.output.video_frames = 24
-        c.output.video_size = 64
+        c.output.video_size = 128
         c.output.mesh_resolution = 48
         c.output.texture_size = 512
         c.output.grid_every = 100

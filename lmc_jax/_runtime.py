@@ -6,10 +6,16 @@ default allocator and 243 ms with the settings below). glibc reads these variabl
 process start, so `configure` can set them for child processes only; `lmc_jax.main` re-executes
 itself once with them set (see `maybe_reexec_with_fast_malloc`). Users who embed lmc_jax in
 their own process can export them in the shell (BUILD.md).
+
+Every entry point that calls `maybe_reexec_with_fast_malloc` (lmc_jax.main, lmc_jax.plan and
+the scripts in benchmarks/) also turns on Python's fault handler: a crash in native code (a
+segmentation fault in XLA, say) prints the Python stack of every thread to stderr instead of
+ending the process silently.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 
@@ -36,8 +42,12 @@ def fast_malloc_active() -> bool:
 def maybe_reexec_with_fast_malloc(argv: list[str]) -> None:
     """Re-executes the current Python command once so that glibc sees FAST_MALLOC_ENV.
 
-    Only on Linux, only when not already done, and never when LMC_JAX_NO_REEXEC=1.
+    Only on Linux, only when not already done, and never when LMC_JAX_NO_REEXEC=1. Turns on
+    the fault handler first (here and, by PYTHONFAULTHANDLER, in the re-executed process).
     """
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
+    os.environ.setdefault("PYTHONFAULTHANDLER", "1")
     if sys.platform != "linux" or os.environ.get("LMC_JAX_NO_REEXEC") == "1":
         return
     if os.environ.get(_REEXEC_MARK) == "1":

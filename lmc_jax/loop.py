@@ -81,7 +81,7 @@ class Every:
 @dataclasses.dataclass
 class LoopResult:
     """state: after the last step. start_state: fresh or resumed, before the first step run
-    here. metrics: the last step's. logged: the metrics of every log step (floats).
+    here (a host copy). metrics: the last step's. logged: the metrics of every log step (floats).
     seconds: wall time of the steps run here."""
 
     state: TrainState
@@ -145,7 +145,7 @@ class TrainLoop:
         if restored is not None:
             state = restored[0]
             logging.info("resumed from step %d", int(state.step))
-        self.start_state = state
+        self.start_state = _host_copy(state)
         return state
 
     def _log_step(self, done: int) -> bool:
@@ -154,7 +154,7 @@ class TrainLoop:
     def run(self, state: TrainState, step: StepFn, every: Sequence[Every] = ()) -> LoopResult:
         """Runs the steps from `state.step` to `steps` (call `restore` first to resume)."""
         if self.start_state is None:
-            self.start_state = state
+            self.start_state = _host_copy(state)
         start_step = int(state.step)
         metrics: dict = {}
         logged: list[dict] = []
@@ -184,6 +184,12 @@ class TrainLoop:
             writer.close()
         return LoopResult(state=state, start_state=self.start_state, metrics=metrics,
                           logged=logged, seconds=time.time() - start)
+
+
+def _host_copy(state: TrainState) -> TrainState:
+    """A host (numpy) copy: the apps' steps donate their state, so the device arrays of the
+    state a run starts from are consumed by its first step."""
+    return parallel.to_host(state)
 
 
 def _write(writer: MetricWriter, step: int, out: dict | None) -> None:

@@ -21,12 +21,15 @@ data sources are deterministic in `(seed, step)`) and keeps its own shards of it
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -52,11 +55,65 @@ def make_mesh(model: int = 1, devices: Sequence[jax.Device] | None = None) -> Me
                          axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
 
 
-def mesh_from_config(config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The mesh for a config's optional `parallel.model_axis` (default 1)."""
+AUTO = "auto"
+
+
+def auto_model_axis(batch: int | None, n: int) -> int:
+    """`parallel.model_axis='auto'`: the smallest model group that lets `batch` split over the
+    rest, i.e. `data = gcd(batch, n)` and `model = n / data` (no batch known: model = 1).
+
+    So a batch that fills the devices is pure data parallelism, and t23d's default single view
+    on a 4-chip slice splits the prior 4 ways over `model` instead of being refused."""
+    if not batch or batch < 1:
+        return 1
+    return n // math.gcd(int(batch), n)
+
+
+def config_batch(config: Any) -> int | None:
+    """The per-step batch an app's config splits over `data` (`batch`, or `train.batch`)."""
+    if not hasattr(config, "get"):
+        return None
+    if config.get("batch", None) is not None:
+        return int(config.get("batch"))
+    train = config.get("train", None)
+    if train is not None and hasattr(train, "get") and train.get("batch", None) is not None:
+        return int(train.get("batch"))
+    return None
+
+
+def model_axis_of(config: Any, n: int, batch: int | None = None) -> tuple[int, bool]:
+    """`(model, automatic)`: the config's `parallel.model_axis` for `n` devices ('auto' or a
+    number, default 1). `batch` defaults to `config_batch(config)`."""
     par = config.get("parallel", None) if hasattr(config, "get") else None
-    model = par.get("model_axis", 1) if par is not None else 1
-    return make_mesh(model, devices)
+    value = par.get("model_axis", 1) if par is not None else 1
+    if str(value).strip().lower() == AUTO:
+        return auto_model_axis(batch if batch is not None else config_batch(config), n), True
+    try:
+        return int(value), False
+    except (TypeError, ValueError):
+        raise UserError(f"parallel.model_axis={value!r} must be 'auto' or a number of devices "
+                        "per model group, e.g. --config.parallel.model_axis=2") from None
+
+
+_SAID: set[tuple[int, int, int]] = set()  # automatic splits already announced
+
+
+def mesh_from_config(config: Any, devices: Sequence[jax.Device] | None = None,
+                     batch: int | None = None) -> Mesh:
+    """The mesh for a config's optional `parallel.model_axis` (default 1; 'auto': see
+    `auto_model_axis`, announced in one log line when there is more than one device)."""
+    devices = list(jax.devices() if devices is None else devices)
+    model, automatic = model_axis_of(config, len(devices), batch)
+    mesh = make_mesh(model, devices)
+    said = (len(devices), data_size(mesh), model)
+    if automatic and len(devices) > 1 and said not in _SAID:
+        _SAID.add(said)
+        b = batch if batch is not None else config_batch(config)
+        logging.warning("parallel: %d devices -> data=%d x model=%d (parallel.model_axis=auto, "
+                        "batch=%s)%s", len(devices), data_size(mesh), model, b,
+                        "" if model == 1 else f"; --config.batch={len(devices)} (or a multiple)"
+                        " makes it pure data parallelism")
+    return mesh
 
 
 def data_size(mesh: Mesh) -> int:
@@ -86,9 +143,39 @@ def check_batch(batch: int, mesh: Mesh, key: str) -> None:
                         f"--config.{key} to a multiple of {n}")
 
 
+_ABSTRACT: list[bool] = []
+
+
+@contextlib.contextmanager
+def abstract_placement() -> Iterator[None]:
+    """Inside: placing a pytree (`replicate`, `shard_batch`, `shard_params`) returns
+    `jax.ShapeDtypeStruct`s carrying the shardings instead of device arrays. An app's own setup
+    then builds its step for devices this host cannot hold arrays on (a TPU slice described by
+    `jax.experimental.topologies`), ready for `jitted.lower(...)` (lmc_jax.plan)."""
+    _ABSTRACT.append(True)
+    try:
+        yield
+    finally:
+        _ABSTRACT.pop()
+
+
+def abstract(tree: Any, shardings: Any) -> Any:
+    """`jax.ShapeDtypeStruct`s of `tree`'s leaves with `shardings` (one, or a matching tree)."""
+    def one(x, sharding):
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype if hasattr(x, "dtype")
+                                    else np.asarray(x).dtype, sharding=sharding)
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree_util.tree_map(lambda x: one(x, shardings), tree)
+    return jax.tree_util.tree_map(one, tree, shardings)
+
+
 def _put(tree: Any, shardings: Any) -> Any:
     """`jax.device_put`; in a multi-process job every process holds the same global value and
-    keeps its own shards of it (`jax.make_array_from_callback`)."""
+    keeps its own shards of it (`jax.make_array_from_callback`); abstract under
+    `abstract_placement()`."""
+    if _ABSTRACT:
+        return abstract(tree, shardings)
     if jax.process_count() == 1:
         return jax.device_put(tree, shardings)
 
@@ -119,6 +206,24 @@ def constrain_batch(tree: Any, mesh: Mesh) -> Any:
         lambda x: jax.lax.with_sharding_constraint(x, _leaf_batch_sharding(mesh, x)), tree)
 
 
+def interleave(arrays: list[jax.Array]) -> jax.Array:
+    """`k` arrays [B, ...] -> one [k B, ...] whose row `k b + i` is row `b` of array `i`.
+
+    Not `concatenate`: when the batch axis is split over devices (`parallel`), each device's
+    rows of the inputs become one contiguous block of the output, so the stacking (and
+    `deinterleave`) stays on the device. Concatenating along the split axis instead moves half
+    the rows between devices, both ways and in the backward pass (XLA's collective-permutes).
+    """
+    stacked = jnp.stack(arrays, axis=1)
+    return jnp.reshape(stacked, (-1,) + stacked.shape[2:])
+
+
+def deinterleave(out: jax.Array, k: int) -> list[jax.Array]:
+    """The inverse of `interleave`: [k B, ...] -> `k` arrays [B, ...]."""
+    out = jnp.reshape(out, (-1, k) + out.shape[1:])
+    return [out[:, i] for i in range(k)]
+
+
 def model_spec(shape: Sequence[int], model: int, min_size: int | None = None) -> P:
     """The rule for frozen prior arrays: split the last axis over `model` where it divides
     (arrays with >= 2 dims and >= `min_size` elements, default `MIN_MODEL_SHARD_SIZE`)."""
@@ -138,6 +243,17 @@ def param_shardings(tree: Any, mesh: Mesh, min_size: int | None = None) -> Any:
 def shard_params(tree: Any, mesh: Mesh, min_size: int | None = None) -> Any:
     """Places a frozen parameter pytree: replicated, large arrays split over `model`."""
     return _put(tree, param_shardings(tree, mesh, min_size))
+
+
+def jit_step(fn: Any, mesh: Mesh, arg_shardings: Sequence[Any]) -> Any:
+    """`jax.jit` of a train step `fn(state, *args) -> (state, metrics)`: the state replicated
+    in and out and donated (XLA writes the new state into the old one's buffers: no second
+    copy of params and optimizer state per step), `args` placed as `arg_shardings` say.
+
+    A donated state is consumed: the caller must use the returned one (`TrainLoop` does)."""
+    rep = replicated(mesh)
+    return jax.jit(fn, in_shardings=(rep, *arg_shardings), out_shardings=(rep, rep),
+                   donate_argnums=0)
 
 
 def sharding_of(tree: Any) -> Any:

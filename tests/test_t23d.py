@@ -111,13 +111,14 @@ def test_nfsd_step_reads_the_negative_prompt():
     assert "emb_neg" in step.consts
     np.testing.assert_array_equal(np.asarray(step.consts["emb_neg"]),
                                   np.asarray(prior.embed_text(["green"])))
+    start = parallel.to_host(state)  # the step donates its state; keep a copy for the rerun
     _, m = step(state)
     l_cond, l_proj = float(m["L_cond_grad_norm"]), float(m["L_proj_grad_norm"])
     assert l_cond > 1e-3, m
     np.testing.assert_allclose(l_proj, l_cond / c.guidance.w, rtol=1e-4)
     # The same compiled step with the null prompt as the negative: delta_D = e_u - e_u = 0.
     consts = {**step.consts, "emb_neg": parallel.replicate(prior.embed_text([""]), mesh)}
-    _, m0 = step.jitted(state, consts)
+    _, m0 = step.jitted(parallel.replicate(start, mesh), consts)
     # (0 up to float rounding: e_u and e_neg come from different rows of one batched call)
     assert float(m0["L_proj_grad_norm"]) < 1e-4 * float(m0["L_cond_grad_norm"]), m0
 

@@ -57,14 +57,14 @@ def make_step(module: BiasNet, prior, opt, config: ml_collections.ConfigDict,
         return inner(state, x, emb)
 
     prior_params = parallel.shard_params(prior.params, mesh)
-    rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    jitted = jax.jit(step, in_shardings=(rep, parallel.sharding_of(prior_params), data, data),
-                     out_shardings=(rep, rep))
+    data = parallel.batch_sharding(mesh)
+    jitted = parallel.jit_step(step, mesh, [parallel.sharding_of(prior_params), data, data])
 
     def step_fn(state, x, emb):
         x, emb = parallel.shard_batch((x, emb), mesh)
         return jitted(state, prior_params, x, emb)
 
+    step_fn.jitted, step_fn.prior_params = jitted, prior_params  # AOT (lmc_jax.plan)
     return step_fn
 
 

@@ -4,8 +4,18 @@
   y = f_theta(x);  g = guide(prior, y, t, eps, cond(prompt))     (the guidance record)
   loss(theta) = sum(sg(g) * y) / B + identity_weight * mean ||y - x||^2
 Held-out figures: `heldout_L_cond` (mean norm of the conditioning part of the guidance
-gradient on held-out outputs: it falls as outputs agree with the prompt) and, on the exact
-mixture, `heldout_target_acc`.
+gradient on held-out outputs: it falls as outputs agree with the prompt), on the exact
+mixture `heldout_target_acc`, and on the embedded prior's renders (`data.source='renders'`,
+configs/i2i.py:tiny; lmc_jax.apps.i2i_shapes) the shipped evaluator's `heldout_target_colour`,
+`heldout_shape_kept` and `heldout_both`, the RMS change `heldout_rms_to_input`, the distance to
+the same scene in the target colour `heldout_rms_to_recoloured`, and LPIPS to the input when
+`lpips_path` names its weights. Each has a `_before` value (the untrained f_theta is the
+identity map); the renders run also writes `heldout.npz` (inputs, outputs, shape ids,
+recoloured references).
+
+Prompts may hold `{shape}` (renders only): each image's prompt names its own primitive.
+`per_method.<method>` (as in configs/edit.py) sets a method's own w, weighting, t_min, t_max.
+DDS's source image is each batch's input `x`, its source prompt `source_prompt`.
 
 Parallelism: each batch of images (`batch`, a multiple of the mesh's `data` axis) and its
 prompt embeddings are split over `data`; f_theta's params and optimizer state are replicated;
@@ -60,8 +70,30 @@ class Translator(nn.Module):
         return x + nn.Conv(x.shape[-1], (3, 3), kernel_init=nn.initializers.zeros)(nn.silu(h))
 
 
+def make_batches(config, prior: Prior, batch: int, seed: int, workdir: str):
+    """`batch(step) -> (x, shape ids or None)`: the training images in the prior's x space,
+    with each image's primitive for `data.source='renders'` (None for the other sources)."""
+    if config.data.source == "renders":
+        from lmc_jax.apps.i2i_shapes import training_set
+        from lmc_jax.data.shapes import epoch_indices
+
+        xs, labels = training_set(config, prior)
+        indices = epoch_indices(len(xs), batch, seed)
+
+        def get(step):
+            idx = indices(step)
+            return jnp.asarray(xs[idx]), labels[idx]
+
+        return get
+    data = make_data(config, prior, batch, seed, workdir)
+    return lambda step: (data(step), None)
+
+
 def make_data(config, prior: Prior, batch: int, seed: int, workdir: str):
     """`batch(step) -> x`: the training images in the prior's x space."""
+    if config.data.source == "renders":
+        batches = make_batches(config, prior, batch, seed, workdir)
+        return lambda step: batches(step)[0]
     if config.data.source == "prior":
         from lmc_jax.priors import gaussian
 
@@ -98,10 +130,40 @@ def init_state(net: Translator, opt: optax.GradientTransformation, x_shape: tupl
                             jax.random.split(jax.random.PRNGKey(seed), 3)[1])
 
 
-def conditioning(prior: Prior, prompt: str, n: int, negative: str | None = None) -> Conditioning:
-    """`n` copies of the prompt's, the null prompt's and (NFSD) the negative prompt's embeddings."""
+def conditioning(prior: Prior, prompt: str, n: int, negative: str | None = None,
+                 source: str | None = None) -> Conditioning:
+    """`n` copies of the prompt's, the null prompt's, (NFSD) the negative prompt's and (DDS)
+    the source prompt's embeddings."""
     return Conditioning(c=prior.embed_text([prompt] * n), u=prior.embed_text([""] * n),
-                        neg=None if negative is None else prior.embed_text([negative] * n))
+                        neg=None if negative is None else prior.embed_text([negative] * n),
+                        src=None if source is None else prior.embed_text([source] * n))
+
+
+def conditioning_of(prior: Prior, prompt: str, guide: Guidance, source_prompt: str = ""
+                    ) -> Callable[[int, np.ndarray | None], Conditioning]:
+    """`cond(n, shapes) -> Conditioning` for `n` images: `conditioning` of the prompts, or with
+    `{shape}` in them one prompt per image naming its primitive (`shapes`: their ids)."""
+    from lmc_jax.apps.i2i_shapes import SHAPE_SLOT, fill
+
+    source = source_prompt if guide.method == "dds" else None
+    if guide.method == "dds" and not source:
+        raise UserError("DDS needs a source prompt: set --config.source_prompt=...")
+    if SHAPE_SLOT not in prompt + (source or ""):
+        return lambda n, shapes=None: conditioning(prior, prompt, n, guide.negative_prompt,
+                                                   source)
+    from lmc_jax.data.shapes import SHAPES
+
+    table = [conditioning(prior, fill(prompt, s), 1, guide.negative_prompt,
+                          None if source is None else fill(source, s)) for s in range(len(SHAPES))]
+    table = jax.tree.map(lambda *rows: jnp.concatenate(rows), *table)
+
+    def cond(n: int, shapes: np.ndarray | None = None) -> Conditioning:
+        if shapes is None:
+            raise UserError(f"a prompt with {SHAPE_SLOT} needs images whose primitive is known: "
+                            "data.source='renders'")
+        return jax.tree.map(lambda a: a[jnp.asarray(shapes)], table)
+
+    return cond
 
 
 def make_step(net: Translator, prior: Prior, guide: Guidance, opt: optax.GradientTransformation,
@@ -112,6 +174,8 @@ def make_step(net: Translator, prior: Prior, guide: Guidance, opt: optax.Gradien
     def step(state: TrainState, prior_params, x: jax.Array, cond: Conditioning):
         pr = prior.replace(params=prior_params)
         x, cond = parallel.constrain_batch((x, cond), mesh)
+        if guide.method == "dds":  # DDS compares each output with its own input
+            cond = cond.replace(x_src=x)
         t, eps = guide.draw(state.key, state.step, x.shape[0], pr.x_shape)
         t, eps = parallel.constrain_batch((t, eps), mesh)
 
@@ -128,13 +192,13 @@ def make_step(net: Translator, prior: Prior, guide: Guidance, opt: optax.Gradien
                              opt_state=opt_state), metrics
 
     prior_params = parallel.shard_params(prior.params, mesh)
-    rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    jitted = jax.jit(step, in_shardings=(rep, parallel.sharding_of(prior_params), data, data),
-                     out_shardings=(rep, rep))
+    data = parallel.batch_sharding(mesh)
+    jitted = parallel.jit_step(step, mesh, [parallel.sharding_of(prior_params), data, data])
 
     def step_fn(state: TrainState, x: jax.Array, cond: Conditioning):
         return jitted(state, prior_params, parallel.shard_batch(x, mesh), cond)
 
+    step_fn.jitted, step_fn.prior_params = jitted, prior_params  # AOT (lmc_jax.plan)
     return step_fn
 
 
@@ -177,42 +241,70 @@ def train(config: ml_collections.ConfigDict, workdir: str, net: Translator, prio
     parallel.check_batch(config.batch, mesh, "batch")
     with TrainLoop(workdir, config, steps=config.steps, fixed_keys=FIXED_KEYS, desc="i2i",
                    hint="lower lr") as loop:
-        train_data = make_data(config, prior, config.batch, config.seed, workdir)
+        train_data = make_batches(config, prior, config.batch, config.seed, workdir)
         opt = optax.adam(config.lr)
         state = parallel.replicate(init_state(net, opt, prior.x_shape, config.seed), mesh)
         step = make_step(net, prior, guide, opt, config.identity_weight, mesh)
-        cond = parallel.shard_batch(conditioning(prior, require_prompt(config.prompt),
-                                                 config.batch, guide.negative_prompt), mesh)
+        cond_of = conditioning_of(prior, require_prompt(config.prompt), guide,
+                                  config.get("source_prompt", ""))
+        fixed = None if train_data(0)[1] is not None else parallel.shard_batch(
+            cond_of(config.batch), mesh)
+
+        def one_step(state: TrainState, i: int):
+            x, shapes = train_data(i)
+            cond = fixed if fixed is not None else parallel.shard_batch(
+                cond_of(config.batch, shapes), mesh)
+            return step(state, x, cond)
+
         every = [] if on_eval is None else [
             Every(config.eval_every, lambda done, state: on_eval(done, state.params))]
-        res = loop.run(loop.restore(state), lambda state, i: step(state, train_data(i), cond),
-                       every)
+        res = loop.run(loop.restore(state), one_step, every)
     return {"state": res.state, "start_state": res.start_state, "metrics": res.metrics}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (or resumes) f_theta, writes held-out grids and metrics; exits with status 143
     when preempted."""
+    from lmc_jax.apps import i2i_shapes
+
     prompt = require_prompt(config.prompt)
     for k in ("steps", "batch", "heldout"):
         require_positive(config[k], k)
     prior = build_prior(config.prior)
-    guide = guidance_record(prior, config.guidance, config.steps, config)
+    gcfg, replaced = i2i_shapes.method_guidance(config)
+    if replaced:
+        print(f"note: {gcfg.method} runs with its own settings (per_method.{gcfg.method}): "
+              + ", ".join(f"{k} {new} (shared: {old})" for k, (old, new) in replaced.items()))
+    guide = guidance_record(prior, gcfg, config.steps, config)
     net = Translator(config.net.features, config.net.blocks)
-    heldout = make_data(config, prior, config.heldout, config.seed + 99991, workdir)(0)
+    cond_of = conditioning_of(prior, prompt, guide, config.get("source_prompt", ""))
+    scorer, held = None, None
+    if config.data.source == "renders":  # held-out renders, scored by the shipped evaluator
+        held = i2i_shapes.heldout_set(config, prior)
+        heldout = jnp.asarray(held["x"])
+        cond_h = cond_of(config.heldout, held["shape"])
+        scorer = i2i_shapes.Scorer(held, i2i_shapes.target_colour(prompt),
+                                   config.get("lpips_path", ""))
+    else:
+        heldout = make_data(config, prior, config.heldout, config.seed + 99991, workdir)(0)
+        cond_h = cond_of(config.heldout)
+    if guide.method == "dds":
+        cond_h = cond_h.replace(x_src=heldout)
     k_eval = jax.random.split(jax.random.PRNGKey(config.seed), 3)[2]
-    cond_h = conditioning(prior, prompt, config.heldout, guide.negative_prompt)
     evaluate = make_evaluate(net, prior, guide, k_eval)
     main = parallel.is_main_process()
 
-    def eval_metrics(params) -> tuple[dict, np.ndarray]:
+    def eval_metrics(params, lpips: bool = False) -> tuple[dict, np.ndarray]:
         y, l_cond = parallel.to_host(evaluate(params, prior.params, heldout, cond_h))
         out = {"heldout_L_cond": float(l_cond)}
         if prior.has_exact_bias:  # the exact mixture: class of the mean colour
             target = int(np.argmax(np.asarray(cond_h.c[0])))
             out["heldout_target_acc"] = class_colour_figures(y, prior.params["mu"],
                                                              target)["target_acc"]
-        return out, np.asarray(prior.decode(y))
+        images = np.asarray(prior.decode(y))
+        if scorer is not None:
+            out.update({f"heldout_{k}": v for k, v in scorer(images, lpips).items()})
+        return out, images
 
     def on_eval(done: int, params) -> dict:
         ev, outs = eval_metrics(params)
@@ -223,15 +315,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return ev
 
     # The untrained network is the identity map: its figures are those of the inputs.
-    before, _ = eval_metrics(init_params(net, prior.x_shape, config.seed))
+    before, _ = eval_metrics(init_params(net, prior.x_shape, config.seed), lpips=True)
     res = train(config, workdir, net, prior, guide, on_eval=on_eval)
     first = eval_metrics(res["start_state"].params)[0]
-    after, _ = eval_metrics(res["state"].params)
+    after, outputs = eval_metrics(res["state"].params, lpips=True)
     result = {f"{k}_before": v for k, v in before.items()}
     result.update({f"{k}_at_start": v for k, v in first.items()})
     result.update(after)
     result.update({k: float(v) for k, v in res["metrics"].items()})
+    if scorer is not None:  # the paired answer, for reference: what a perfect f_theta scores
+        result.update({f"reference_recoloured_{k}": v
+                       for k, v in scorer(held["recoloured"]).items()})
+    result["settings"] = {"method": gcfg.method,
+                          **{k: gcfg[k] for k in i2i_shapes.GUIDANCE_KEYS}}
     if main:
         io.write_json(os.path.join(workdir, "metrics.json"), result)
-        print(io.format_table([[k, v] for k, v in result.items()], ["metric", "value"]))
+        if held is not None:
+            np.savez_compressed(os.path.join(workdir, "heldout.npz"), inputs=held["pixels"],
+                                outputs=np.clip(outputs, -1.0, 1.0), shape=held["shape"],
+                                recoloured=held["recoloured"], indices=held["indices"])
+        print(io.format_table([[k, v] for k, v in result.items() if not isinstance(v, dict)],
+                              ["metric", "value"]))
     return result

@@ -7,6 +7,7 @@ the gradient scaled by 2000 / (H * W): configs/edit.py's `per_method.dds`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -66,10 +67,11 @@ def make_x_step(prior: Prior, cond: Conditioning, guide: Guidance, *,
     `x` [B, ...].
 
     The prior's params are an argument (placed by the caller, e.g. split over a mesh's 'model'
-    axis), not constants baked into the compiled step (GBs for Stable Diffusion).
+    axis), not constants baked into the compiled step (GBs for Stable Diffusion). `x` and
+    `opt_state` are donated: pass the ones the previous step returned.
     """
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(x, opt_state, i, prior_params):
         pr = prior.replace(params=prior_params)
         t, eps = guide.draw(key, i, x.shape[0], pr.x_shape)
@@ -93,7 +95,8 @@ def optimize_x(prior: Prior, x0: jax.Array, cond: Conditioning, guide: Guidance,
     names prefixed by `tag`. The run keeps no checkpoints: it is short (a re-run starts over).
     """
     step = make_x_step(prior, cond, guide, optimizer=optimizer, key=key, grad_scale=grad_scale)
-    x, opt_state = x0, optimizer.init(x0)
+    x = jnp.array(x0, copy=True)  # the step donates x: the caller keeps x0
+    opt_state = optimizer.init(x)
     snaps = [np.asarray(prior.decode(x0))] if 0 in snapshot_steps else []
     scalars: dict = {}
     bar = io.progress(range(steps), desc=desc, unit="step", disable=log_every <= 0)

@@ -167,19 +167,19 @@ def make_step(config, prior: Prior, guide: Guidance, field: MLPField, background
         return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                              opt_state=opt_state), metrics
 
-    rep = parallel.replicated(mesh)
     consts = {"prior": parallel.shard_params(prior.params, mesh),
               "emb_views": parallel.replicate(emb_views, mesh),
               "emb_null": parallel.replicate(emb_null, mesh)}
     if emb_neg is not None:
         consts["emb_neg"] = parallel.replicate(emb_neg, mesh)
-    jitted = jax.jit(step_fn, in_shardings=(rep, parallel.sharding_of(consts)),
-                     out_shardings=(rep, rep))
+    jitted = parallel.jit_step(step_fn, mesh, [parallel.sharding_of(consts)])
 
     def step(state: TrainState, i: int | None = None):  # noqa: ARG001 - the loop's signature
         return jitted(state, consts)
 
-    step.jitted, step.consts = jitted, consts  # `step.jitted.lower(state, step.consts)` (AOT)
+    # AOT: `step.jitted.lower(state, step.consts)`; `step.fn` is the plain (unjitted) step,
+    # for callers that transform it (benchmarks/ablation_t23d.py vmaps it over scenes).
+    step.jitted, step.consts, step.fn = jitted, consts, step_fn
     return step
 
 

@@ -108,7 +108,7 @@ def make_train_step(unet: Any, text_encoder: Any, opt: optax.GradientTransformat
                              extra=new_ema), {"loss": loss}
 
     rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    jitted = jax.jit(step, in_shardings=(rep, rep, data, data, rep), out_shardings=(rep, rep))
+    jitted = parallel.jit_step(step, mesh, [rep, data, data, rep])
 
     def step_fn(state: TrainState, key, images, ids, null_ids):
         images, ids = parallel.shard_batch((images, ids), mesh)

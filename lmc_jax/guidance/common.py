@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from lmc_jax import schedule
+from lmc_jax.parallel import deinterleave, interleave
 from lmc_jax.priors.base import Prior, x_hat_from_eps
 
 BiasFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -96,11 +97,9 @@ def denoise(prior: Prior, x: jax.Array, t: jax.Array, eps: jax.Array,
     a, s = schedule.alpha_sigma(prior.alphas_cumprod, t)
     x_t = schedule.add_noise(x, eps, a, s)
     k = len(embs)
-    batch = x.shape[0]
-    out = prior.eps(jnp.concatenate([x_t] * k), jnp.concatenate([t] * k),
-                    jnp.concatenate(embs))
+    out = prior.eps(interleave([x_t] * k), interleave([t] * k), interleave(embs))
     out = jax.lax.stop_gradient(out.astype(jnp.float32))
-    return x_t, [out[i * batch:(i + 1) * batch] for i in range(k)]
+    return x_t, deinterleave(out, k)
 
 
 def finish(parts: dict[str, jax.Array], extra: dict[str, jax.Array] | None = None

@@ -11,7 +11,6 @@ iterations; configs/edit.py's `per_method.dds` runs DDS with them.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from lmc_jax.errors import UserError
 from lmc_jax.guidance.common import (
@@ -22,6 +21,7 @@ from lmc_jax.guidance.common import (
     finish,
     weight,
 )
+from lmc_jax.parallel import deinterleave, interleave
 from lmc_jax.priors.base import Prior
 
 
@@ -31,12 +31,10 @@ def dds(prior: Prior, x: jax.Array, t: jax.Array, eps: jax.Array, cond: Conditio
     if cond.x_src is None or cond.src is None:
         raise UserError("DDS needs a source image and a source prompt (edit app: image=PATH, "
                         "source_prompt=...)")
-    both = jnp.concatenate([x, jax.lax.stop_gradient(cond.x_src)])
-    _, (e_c, e_u) = denoise(prior, both, jnp.concatenate([t, t]), jnp.concatenate([eps, eps]),
-                            [jnp.concatenate([cond.c, cond.src]),
-                             jnp.concatenate([cond.u, cond.u])])
-    b = x.shape[0]
+    both = interleave([x, jax.lax.stop_gradient(cond.x_src)])  # target and source rows
+    _, (e_c, e_u) = denoise(prior, both, interleave([t, t]), interleave([eps, eps]),
+                            [interleave([cond.c, cond.src]), interleave([cond.u, cond.u])])
+    (c_tgt, c_src), (u_tgt, u_src) = deinterleave(e_c, 2), deinterleave(e_u, 2)
     wt = weight(prior, t, hp, x)
-    cond_tgt, cond_src = e_c[:b] - e_u[:b], e_c[b:] - e_u[b:]
-    return finish({"L_cond": wt * hp.w * (cond_tgt - cond_src),
-                   "L_proj": wt * (e_c[:b] - e_c[b:])})
+    return finish({"L_cond": wt * hp.w * ((c_tgt - u_tgt) - (c_src - u_src)),
+                   "L_proj": wt * (c_tgt - c_src)})

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmc_jax.parallel import deinterleave, interleave
 from lmc_jax.priors.base import Prior
 
 
@@ -44,9 +45,8 @@ def ddim_sample(prior: Prior, emb_c: jax.Array, emb_u: jax.Array, key: jax.Array
     def step(x, inputs):
         t, ab_prev = inputs
         tt = jnp.full((b,), t, jnp.int32)
-        e = prior.eps(jnp.concatenate([x, x]), jnp.concatenate([tt, tt]),
-                      jnp.concatenate([emb_c, emb_u]))
-        e_c, e_u = e[:b], e[b:]
+        e = prior.eps(interleave([x, x]), interleave([tt, tt]), interleave([emb_c, emb_u]))
+        e_c, e_u = deinterleave(e, 2)
         eps = e_c + w * (e_c - e_u)
         a, s = jnp.sqrt(abar[t]), jnp.sqrt(1.0 - abar[t])
         x0 = (x - s * eps) / a

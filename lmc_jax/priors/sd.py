@@ -75,6 +75,8 @@ def _place(params: Any, dtype: Any) -> Any:
 
     def leaf(x):
         want = dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+        if isinstance(x, jax.ShapeDtypeStruct):  # shapes only (lmc_jax.priors.sd_shapes)
+            return jax.ShapeDtypeStruct(x.shape, want)
         if isinstance(x, jax.Array) and not x.committed and x.dtype == want:
             return x  # already what is wanted: no second copy of multi-GB weights
         return jnp.asarray(np.asarray(x), want)
@@ -128,7 +130,8 @@ def make_sd_prior(unet: Any, vae: Any | None, text_encoder: Any, tokenizer: Any,
       text_encoder: a `FlaxCLIPTextModel`.
       tokenizer: a `CLIPTokenizer`.
       params: {'unet', 'vae', 'text_encoder'} weights ('vae' only with a VAE), any float dtype,
-        host or device.
+        host or device; or `jax.ShapeDtypeStruct`s (a shapes-only prior for planning, whose
+        `embed_text` gives zeros of the right shape).
       scheduler_config: the scheduler_config.json dict (betas, prediction_type).
       dtype: 'float32' or 'bfloat16' (weights and compute); outputs are always float32.
       name: for logs.
@@ -211,6 +214,8 @@ def make_sd_prior(unet: Any, vae: Any | None, text_encoder: Any, tokenizer: Any,
 
     keys = ("unet", "text_encoder") if pixel else ("unet", "vae", "text_encoder")
     params = _place({k: params[k] for k in keys}, cdtype)
+    shapes_only = any(isinstance(x, jax.ShapeDtypeStruct)
+                      for x in jax.tree_util.tree_leaves(params))
 
     @jax.jit
     def encode_text(p, ids):
@@ -224,6 +229,9 @@ def make_sd_prior(unet: Any, vae: Any | None, text_encoder: Any, tokenizer: Any,
             check_words(prompt)
         ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                         return_tensors="np").input_ids
+        if shapes_only:  # weights are shapes (planning): zeros of the embeddings' shape
+            out = jax.eval_shape(encode_text, params["text_encoder"], ids)
+            return jnp.zeros(out.shape, out.dtype)
         return encode_text(params["text_encoder"], ids)
 
     return Prior(

@@ -104,21 +104,31 @@ def random_pipeline(unet_config: dict[str, Any], vae_config: dict[str, Any],
     The tiny prior below uses it, and benchmarks/t23d_step.py builds SD 2.1-base's real-size
     architecture with it (no download: the cost of a step does not depend on the weights).
     """
+    unet, vae, text_encoder, tokenizer, shapes = pipeline_shapes(unet_config, vae_config,
+                                                                 text_config)
+    params = {k: _random_params(shapes[k], seed, i)
+              for i, k in enumerate(("unet", "vae", "text_encoder"))}
+    return unet, vae, text_encoder, tokenizer, params
+
+
+def pipeline_shapes(unet_config: dict[str, Any], vae_config: dict[str, Any],
+                    text_config: dict[str, Any]) -> tuple[Any, ...]:
+    """(unet, vae, text_encoder, tokenizer, params as `jax.ShapeDtypeStruct`s) of an SD
+    architecture: nothing is allocated (`jax.eval_shape`). `random_pipeline` fills them;
+    `lmc_jax.priors.sd_shapes` plans with them as they are."""
     d, tr = _compat.diffusers(), _compat.transformers()
     tokenizer = tr.CLIPTokenizer.from_pretrained(str(byte_tokenizer_path()))
-    unet = d.FlaxUNet2DConditionModel(**unet_config)
-    vae = d.FlaxAutoencoderKL(**vae_config)
+    unet = d.FlaxUNet2DConditionModel.from_config(dict(unet_config))
+    vae = d.FlaxAutoencoderKL.from_config(dict(vae_config))
     text_encoder = tr.FlaxCLIPTextModel(tr.CLIPTextConfig(**{
         "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
         **text_config}), _do_init=False)
     key = jax.random.PRNGKey(0)  # only shapes are read
-    params = {
-        "unet": _random_params(jax.eval_shape(unet.init_weights, key), seed, 0),
-        "vae": _random_params(jax.eval_shape(vae.init_weights, key), seed, 1),
-        "text_encoder": _random_params(text_encoder.params_shape_tree, seed, 2),
-    }
-    return unet, vae, text_encoder, tokenizer, params
+    shapes = {"unet": jax.eval_shape(unet.init_weights, key),
+              "vae": jax.eval_shape(vae.init_weights, key),
+              "text_encoder": text_encoder.params_shape_tree}
+    return unet, vae, text_encoder, tokenizer, shapes
 
 
 @functools.cache

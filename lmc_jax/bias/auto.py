@@ -9,13 +9,18 @@ and `guidance.bias_auto=True` (the default), `resolve_bias` returns the folder o
    for a prior without files, its config) plus the recipe (`Recipe`: samples, DDIM steps and
    guidance, training steps, batch, learning rate, architecture) and the training images'
    listing when `data.path` is given. It is not keyed by the run's prompt: one b_psi per model.
-2. A hit in `<cache>/bias/<key>` is loaded as is. `<cache>` is `prior.cache_dir`, else
-   `$LMC_JAX_CACHE`, else `~/.cache/lmc_jax`.
+2. A hit in `<cache>/bias/<key>` is loaded after a check (the checksums.json written with it,
+   `lmc_jax.cache.entry_problem`). `<cache>` is `prior.cache_dir`, else `$LMC_JAX_CACHE`, else
+   `~/.cache/lmc_jax`. A damaged or half-written entry is renamed `<key>.damaged-<time>` with
+   one warning line and trained again; one that cannot be renamed stops the run with one
+   `error:` line naming the folder to delete.
 3. A miss trains one before the main job with `lmc_jax.apps.bias.train_bias` (the bias app's
    own loop: progress bar with ETA, checkpoints, resume after a preemption) on the prior's own
    DDIM samples (`GENERIC_PROMPTS` that the prior's tokenizer knows, else the captions of the
    embedded world, plus the first run's prompt; recorded in bias.json), or on the images of
-   `data.path` when the run's config has one, and stores it in the cache.
+   `data.path` when the run's config has one, and stores it in the cache: written in
+   `<key>.tmp<pid>`, sealed, then renamed into place (`lmc_jax.cache.publish`). Runs that want
+   the same b_psi at once take turns (a file lock): one trains, the others reuse its result.
 
 Measured cost: BUILD.md section 7 ("Automatic b_psi").
 """
@@ -35,7 +40,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from lmc_jax.cache import CACHE_ENV, cache_root, files_fingerprint
+from lmc_jax.cache import (
+    CACHE_ENV,
+    cache_root,
+    entry_problem,
+    files_fingerprint,
+    publish,
+    seal,
+    set_aside,
+    warn,
+)
 from lmc_jax.errors import UserError
 from lmc_jax.priors.base import Prior
 
@@ -282,7 +296,7 @@ def auto_bias(prior: Prior, prior_cfg: ml_collections.ConfigDict, recipe: Recipe
         data_fp = fingerprint(data_path, list_images(data_path))
     key = cache_key(weights, recipe, data_fp)
     out = root / "bias" / key
-    if (out / "bias.json").is_file():
+    if out.exists() and entry_problem(out, root, _load_check) is None:
         print(f"b_psi for LMC-SDS: reusing {out} (cached for these weights)", flush=True)
         return str(out)
     try:
@@ -293,16 +307,44 @@ def auto_bias(prior: Prior, prior_cfg: ml_collections.ConfigDict, recipe: Recipe
                         "or pass --config.guidance.bias_path=DIR") from e
     with open(root / "bias" / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another run training the same b_psi: wait for it
-        if (out / "bias.json").is_file():
-            return str(out)
-        _train_into(out, prior, prior_cfg, recipe, prompt, data_path, weights, quiet,
-                    main=parallel.is_main_process())
-    return str(out)
+        if out.exists() or out.is_symlink():
+            problem = entry_problem(out, root, _load_check)
+            if problem is None:  # trained by the run we waited for
+                print(f"b_psi for LMC-SDS: reusing {out} (cached for these weights)",
+                      flush=True)
+                return str(out)
+            _set_aside(out, problem)
+        return _train_into(out, prior, prior_cfg, recipe, prompt, data_path, weights, quiet,
+                           main=parallel.is_main_process())
+
+
+def _load_check(folder: Path) -> None:
+    """Reads a cached b_psi without its prior (entries without checksums.json): bias.json is a
+    b_psi description and params.msgpack a whole msgpack tree. Raises on damage."""
+    from flax import serialization
+
+    meta = json.loads((folder / "bias.json").read_text())
+    if not (isinstance(meta, dict) and isinstance(meta.get("module"), dict)
+            and isinstance(meta.get("prior"), dict)):
+        raise ValueError("bias.json is not a b_psi description")
+    serialization.msgpack_restore((folder / "params.msgpack").read_bytes())
+
+
+def _set_aside(out: Path, problem: str) -> None:
+    """Renames the damaged entry `out` aside with one warning line; one error line if it can't."""
+    try:
+        aside = set_aside(out)
+    except OSError as e:
+        raise UserError(f"the cached b_psi {out} is damaged ({problem}) and cannot be moved "
+                        f"aside ({e.strerror or e}): delete the folder {out} and run again") from e
+    if aside is not None:
+        warn(f"the cached b_psi {out} is damaged ({problem}): set aside as {aside.name}, "
+             "training it again")
 
 
 def _train_into(out: Path, prior: Prior, prior_cfg: ml_collections.ConfigDict, recipe: Recipe,
                 prompt: str | None, data_path: str, weights: str, quiet: bool,
-                main: bool) -> None:
+                main: bool) -> str:
     from lmc_jax.apps.bias import train_bias
     from lmc_jax.bias.model import param_count
     from lmc_jax.bias.store import save_bias
@@ -341,11 +383,24 @@ def _train_into(out: Path, prior: Prior, prior_cfg: ml_collections.ConfigDict, r
         "param_count": param_count(params), "steps": recipe.steps,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "jax_backend": jax.default_backend(),
     }
+    done = out
     if main:
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        save_bias(str(tmp), module, params, prior, training=training)
-        os.replace(tmp, out)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier process with this pid
+        try:
+            save_bias(str(tmp), module, params, prior, training=training)
+            sums = seal(tmp)
+            done = publish(tmp, out, out.parent.parent, _load_check, "cached b_psi", sums)
+        except OSError as e:  # the training is kept: in tmp, or in work's checkpoints
+            kept = tmp if (tmp / "checksums.json").is_file() else work
+            if kept == work:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"b_psi trained but not stored in {out} ({e.strerror or e}); the "
+                            f"trained result is kept in {kept}: "
+                            + (f"pass --config.guidance.bias_path={tmp}" if kept == tmp else
+                               "free the cache folder and run again to resume from it")) from e
         shutil.rmtree(work, ignore_errors=True)
     print(f"b_psi trained in {time.time() - t0:.0f} s (samples {sample_seconds:.0f} s, "
-          f"training {train_seconds:.0f} s): {out}", flush=True)
+          f"training {train_seconds:.0f} s): {done}", flush=True)
+    return str(done)
 

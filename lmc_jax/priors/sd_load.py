@@ -16,7 +16,11 @@ files; PyTorch weights converted to Flax once and cached.
 PyTorch weights are converted with diffusers' / transformers' own PyTorch-to-Flax converters,
 then written to `<cache>/flax/<key>/flax.safetensors` (Flax names, source dtype), `<key>` being a
 sha256 of the model folder's config.json and weight files (`lmc_jax.cache`): the next load of the
-same files reads that (memory-mapped) and skips the conversion.
+same files reads that (memory-mapped) and skips the conversion. An entry is written in a
+temporary folder, sealed with its checksums.json and renamed into place; one that fails its
+check or does not load is renamed `<key>.damaged-<time>` with one warning line and converted
+again (when it cannot be renamed: converted again, not cached, and the warning names the folder
+to delete).
 """
 
 from __future__ import annotations
@@ -37,7 +41,15 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from lmc_jax import _compat
-from lmc_jax.cache import cache_root, files_fingerprint
+from lmc_jax.cache import (
+    cache_root,
+    entry_problem,
+    files_fingerprint,
+    publish,
+    seal,
+    set_aside,
+    warn,
+)
 from lmc_jax.errors import UserError
 from lmc_jax.priors.base import Prior
 from lmc_jax.priors.sd import COMPONENTS, _jnp_dtype, make_sd_prior
@@ -206,7 +218,7 @@ def _single_file_folder(file: Path, cache: Path) -> Path:
     """A diffusers folder made from a single-file checkpoint (cached by its sha256)."""
     key = files_fingerprint(file.parent, [file], cache)[:20]
     out = cache / "single_file" / key
-    if (out / "model_index.json").is_file():
+    if out.exists() and _usable(out, cache, _check_diffusers_entry, "converted checkpoint"):
         return out
     how = (f"convert it on a machine with internet access and torch: "
            f"`{single_file_command(file)}`, then pass --config.prior.path={file.with_suffix('')}")
@@ -222,12 +234,16 @@ def _single_file_folder(file: Path, cache: Path) -> Path:
 
         pipe = StableDiffusionPipeline.from_single_file(str(file), local_files_only=True)
         pipe.save_pretrained(str(tmp), safe_serialization=True)
-        os.replace(tmp, out)
     except Exception as e:  # diffusers raises many types; all mean "cannot convert here"
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"{file} is a single-file checkpoint and diffusers could not convert it "
                         f"offline ({_first_line(e)[:160]}); {how}") from e
-    return out
+    try:
+        return publish(tmp, out, cache, _check_diffusers_entry, "converted checkpoint",
+                       seal(tmp))
+    except OSError as e:  # the conversion is kept where it was written
+        warn(f"could not move the converted checkpoint into the cache {out} ({e}); using {tmp}")
+        return tmp
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,19 +353,60 @@ def _cache_entry(folder: Path, files: list[Path], cache: Path) -> Path:
     return cache / "flax" / f"v{CONVERTER_VERSION}-{key}"
 
 
-def _cached(entry: Path) -> Any | None:
-    """Flax params stored in a cache entry (device arrays, read once), or None."""
-    file = entry / "flax.safetensors"
-    if not file.is_file():
+def _check_flax_entry(entry: Path) -> None:
+    """Load check of a converted-weights entry without checksums.json: source.json is a JSON
+    object and flax.safetensors a whole safetensors file (its header matches its size)."""
+    from safetensors import safe_open
+
+    if not isinstance(json.loads((entry / "source.json").read_text()), dict):
+        raise ValueError("source.json holds no JSON object")
+    with safe_open(str(entry / "flax.safetensors"), framework="np") as f:
+        list(f.keys())
+
+
+def _check_diffusers_entry(entry: Path) -> None:
+    """Load check of a converted single-file checkpoint without checksums.json."""
+    if not isinstance(json.loads((entry / "model_index.json").read_text()), dict):
+        raise ValueError("model_index.json holds no JSON object")
+
+
+_UNMOVABLE: set[str] = set()  # damaged entries already reported as impossible to set aside
+
+
+def _usable(entry: Path, cache: Path, load_check, what: str, problem: str | None = None) -> bool:
+    """True when the existing cache `entry` passes its check; otherwise (or given a `problem`)
+    it is set aside with one warning line, and False."""
+    if problem is None:
+        problem = entry_problem(entry, cache, load_check)
+    if problem is None:
+        return True
+    try:
+        aside = set_aside(entry)
+    except OSError as e:
+        if str(entry) not in _UNMOVABLE:
+            _UNMOVABLE.add(str(entry))
+            warn(f"the {what} cache {entry} is damaged ({problem}) and cannot be moved aside "
+                 f"({e.strerror or e}): converting again without caching; delete the folder "
+                 f"{entry}")
+        return False
+    if aside is not None:
+        warn(f"the {what} cache {entry} is damaged ({problem}): set aside as {aside.name}, "
+             "converting again")
+    return False
+
+
+def _cached(entry: Path, cache: Path) -> Any | None:
+    """Flax params stored in a cache entry (device arrays, read once), or None; a damaged entry
+    is set aside (`_usable`) and None returned."""
+    if not entry.exists() or not _usable(entry, cache, _check_flax_entry, "converted-weights"):
         return None
     from safetensors import safe_open
 
     try:
-        with safe_open(str(file), framework="flax") as f:
+        with safe_open(str(entry / "flax.safetensors"), framework="flax") as f:
             flat = {tuple(k.split("/")): f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # a damaged entry is converted again
-        logging.warning("ignoring the damaged converted-weights cache %s (%s)", entry, e)
-        shutil.rmtree(entry, ignore_errors=True)
+    except Exception as e:  # noqa: BLE001 - passed its check but does not load: damaged
+        _usable(entry, cache, _check_flax_entry, "converted-weights", _first_line(e))
         return None
     return unflatten_dict(flat)
 
@@ -358,24 +415,27 @@ def _converted(folder: Path, files: list[Path], cache: Path, convert) -> Any:
     """Flax params of PyTorch `files`: from the cache when converted before, else `convert()`
     and store (best effort: an unwritable cache only costs converting again)."""
     entry = _cache_entry(folder, files, cache)
-    params = _cached(entry)
+    params = _cached(entry, cache)
     if params is not None:
         return params
     t0 = time.time()
     params = convert()
     logging.info("converted %s from PyTorch in %.1f s", folder, time.time() - t0)
+    if str(entry) in _UNMOVABLE:
+        return params
+    tmp = entry.with_name(f"{entry.name}.tmp{os.getpid()}")
     try:
         from safetensors.numpy import save_file
 
-        tmp = entry.with_name(f"{entry.name}.tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier process with this pid
+        tmp.mkdir(parents=True)
         flat = {"/".join(k): _contiguous(v) for k, v in flatten_dict(dict(params)).items()}
         save_file(flat, str(tmp / "flax.safetensors"))
         (tmp / "source.json").write_text(json.dumps(
             {"folder": str(folder.resolve()), "files": [f.name for f in files]}, indent=2))
-        shutil.rmtree(entry, ignore_errors=True)
-        os.replace(tmp, entry)
+        publish(tmp, entry, cache, _check_flax_entry, "converted-weights cache", seal(tmp))
     except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
         logging.warning("could not cache the converted weights in %s: %s", entry, e)
     return params
 
@@ -389,7 +449,7 @@ def _load_diffusers_model(cls: Any, folder: Path, from_pt: bool, cache: Path) ->
     try:
         if pt_files and (from_pt or not flax_file.is_file()):
             model = cls.from_config(cls.load_config(str(folder)))
-            cached = _cached(_cache_entry(folder, pt_files, cache))
+            cached = _cached(_cache_entry(folder, pt_files, cache), cache)
             if cached is not None:  # checked against config.json when it was converted
                 return model, cached
             shapes = jax.eval_shape(model.init_weights, jax.random.PRNGKey(0))

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from lmc_jax.bias import auto, train
+from lmc_jax.cache import entry_problem
 from lmc_jax.config import guidance_config, prior_config
 from lmc_jax.data.sources import make_source
 from lmc_jax.errors import UserError
@@ -149,3 +151,152 @@ def test_recipe_overrides_from_config(prior):
     assert r.warmup <= 3 and auto.cache_key("w", r) != auto.cache_key("w", base)
     with pytest.raises(UserError, match="must be >= 0"):
         auto.recipe_from_config(prior, guidance_config("lmc", bias_auto_steps=-1))
+
+
+# --- a damaged cache entry: set aside, trained again, never a traceback -----------------------
+
+
+@pytest.fixture
+def fake_training(prior, trained, monkeypatch):
+    """Training replaced by the `trained` fixture's result (counted), and no DDIM sampling:
+    what is under test is the cache around it."""
+    import lmc_jax.apps.bias as bias_app
+    from lmc_jax.bias.store import load_bias
+
+    module, params, _ = load_bias(trained[1], prior)
+    calls = []
+
+    def fake_train(cfg, workdir, prior=None, quiet=False):
+        calls.append(workdir)
+        return module, params, prior, 0.0
+
+    monkeypatch.setattr(bias_app, "train_bias", fake_train)
+    monkeypatch.setattr(auto, "draw_samples", lambda p, ps, r, chunk, quiet=False:
+                        np.zeros((r.num_samples, *p.x_shape), np.float32))
+    return calls
+
+
+def _cache_copy(trained, tmp_path):
+    """A copy of the trained cache; returns (cache, entry)."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(trained[0], cache)
+    entry = cache / "bias" / os.path.basename(trained[1])
+    assert (entry / "checksums.json").is_file()
+    return cache, entry
+
+
+def _truncate(f):
+    os.truncate(f, f.stat().st_size // 2)
+
+
+DAMAGES = {
+    "truncated params": lambda e: _truncate(e / "params.msgpack"),
+    "bias.json removed, folder left": lambda e: (e / "bias.json").unlink(),
+    "garbage bias.json": lambda e: (e / "bias.json").write_bytes(os.urandom(64)),
+    "no checksums, truncated params": lambda e: ((e / "checksums.json").unlink(),
+                                                 _truncate(e / "params.msgpack")),
+    "no checksums, garbage bias.json": lambda e: ((e / "checksums.json").unlink(),
+                                                  (e / "bias.json").write_text("[1, 2]")),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_damaged_entry_is_set_aside_and_trained_again(prior, prior_cfg, trained, fake_training,
+                                                      tmp_path, capsys, damage):
+    from lmc_jax.bias.store import load_bias
+
+    cache, entry = _cache_copy(trained, tmp_path)
+    DAMAGES[damage](entry)
+    before = sorted(p.name for p in entry.iterdir())
+    path = auto.auto_bias(prior, prior_cfg, RECIPE, cache_dir=str(cache), quiet=True)
+    assert path == str(entry) and len(fake_training) == 1
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("WARNING")]
+    assert len(warnings) == 1, warnings
+    aside = [p for p in entry.parent.iterdir() if ".damaged-" in p.name]
+    assert len(aside) == 1 and aside[0].name.startswith(entry.name + ".damaged-")
+    assert aside[0].name in warnings[0] and str(entry) in warnings[0]
+    assert sorted(p.name for p in aside[0].iterdir()) == before  # kept as it was, not deleted
+    assert entry_problem(entry, cache) is None
+    load_bias(path, prior)  # the new entry loads
+    # the next run reuses it: no warning, no training
+    assert auto.auto_bias(prior, prior_cfg, RECIPE, cache_dir=str(cache), quiet=True) == path
+    assert len(fake_training) == 1 and "WARNING" not in capsys.readouterr().err
+
+
+def test_entry_without_checksums_that_loads_is_reused_and_sealed(prior, prior_cfg, trained,
+                                                                 fake_training, tmp_path):
+    cache, entry = _cache_copy(trained, tmp_path)
+    (entry / "checksums.json").unlink()  # as written before checksums existed
+    assert auto.auto_bias(prior, prior_cfg, RECIPE, cache_dir=str(cache)) == str(entry)
+    assert not fake_training and (entry / "checksums.json").is_file()
+    _truncate(entry / "params.msgpack")  # now the checksum catches what loading would
+    assert entry_problem(entry, cache) == "params.msgpack does not match its checksum"
+
+
+def test_occupied_destination_does_not_lose_the_training(prior, prior_cfg, trained,
+                                                         fake_training, tmp_path, monkeypatch,
+                                                         capsys):
+    """A half-present folder appears at the destination while training (the old OSError
+    'Directory not empty'): it is set aside and the finished b_psi moved in."""
+    import lmc_jax.apps.bias as bias_app
+
+    cache = tmp_path / "cache"
+    inner = bias_app.train_bias
+    key = auto.cache_key(auto.prior_fingerprint(prior_cfg, cache), RECIPE)
+    entry = cache / "bias" / key
+
+    def train_then_intrude(cfg, workdir, prior=None, quiet=False):
+        entry.mkdir(parents=True)
+        (entry / "params.msgpack").write_bytes(b"\x81")  # half-written by someone else
+        return inner(cfg, workdir, prior=prior, quiet=quiet)
+
+    monkeypatch.setattr(bias_app, "train_bias", train_then_intrude)
+    assert auto.auto_bias(prior, prior_cfg, RECIPE, cache_dir=str(cache)) == str(entry)
+    assert entry_problem(entry, cache) is None
+    assert not (entry.parent / (key + ".partial")).exists()
+    assert [p.name for p in entry.parent.iterdir() if ".tmp" in p.name] == []
+    assert capsys.readouterr().err.count("WARNING") == 1
+
+
+def test_damaged_entry_that_cannot_be_moved_is_one_error_naming_it(prior, prior_cfg, trained,
+                                                                   fake_training, tmp_path,
+                                                                   monkeypatch):
+    cache, entry = _cache_copy(trained, tmp_path)
+    _truncate(entry / "params.msgpack")
+
+    def refuse(folder):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(auto, "set_aside", refuse)
+    with pytest.raises(UserError, match=f"delete the folder {entry} and run again"):
+        auto.auto_bias(prior, prior_cfg, RECIPE, cache_dir=str(cache))
+    assert not fake_training
+
+
+def test_runs_at_once_on_an_empty_cache_train_once(prior, prior_cfg, fake_training, tmp_path):
+    import threading
+    import time
+
+    import lmc_jax.apps.bias as bias_app
+
+    inner = bias_app.train_bias
+
+    def slow(*a, **k):
+        time.sleep(0.5)
+        return inner(*a, **k)
+
+    bias_app.train_bias = slow
+    try:
+        out = []
+        runs = [threading.Thread(target=lambda: out.append(auto.auto_bias(
+            prior, prior_cfg, RECIPE, cache_dir=str(tmp_path / "cache"), quiet=True)))
+            for _ in range(3)]
+        for r in runs:
+            r.start()
+        for r in runs:
+            r.join()
+    finally:
+        bias_app.train_bias = inner
+    assert len(out) == 3 and len(set(out)) == 1 and len(fake_training) == 1

@@ -1,8 +1,10 @@
 """`report.html`: one page per run folder that a person opens to see the result.
 
 The page shows the prompt and method, warnings (an empty scene, no surface), an interactive 3D
-view of `mesh.glb`, the 360-degree video, the orbit views, the fixed views over the training
-steps (`grid_<step>.png`), the metrics and links to the files. It works offline from the folder
+view of `mesh.glb` with one sentence on the mesh's topology (`mesh_summary`: pieces, floaters
+removed, closed or not, Euler number and through-holes), the 360-degree video, the orbit views,
+the top view (a torus's hole, or its absence), the fixed views over the training steps
+(`grid_<step>.png`), the metrics and links to the files. It works offline from the folder
 alone, over `file://`: the viewer (`@google/model-viewer`'s UMD bundle, vendored in
 `lmc_jax/assets/viewer` with its licences) is inlined as a classic script, and the GLB is
 inlined as base64 and handed to the viewer as a blob URL (Chromium blocks ES modules and `fetch`
@@ -104,14 +106,53 @@ def method_line(config: Mapping | None) -> str:
     return " · ".join(parts)
 
 
+SMALL_IMAGE = 200  # pixels: narrower PNGs are shown enlarged, with sharp pixels
+
+
 def _img(workdir: str, name: str, alt: str, scale: int = 2) -> str:
-    """An <img> of a small PNG shown `scale` times its size, with sharp pixels."""
+    """An <img> of a PNG: a small one (under `SMALL_IMAGE` pixels wide) shown `scale` times
+    its size with sharp pixels, a larger one at its size."""
     from PIL import Image
 
     with Image.open(os.path.join(workdir, name)) as im:
-        width = im.width * scale
-    return (f'<img class="pixel" src="{html.escape(name)}" width="{width}" '
+        small = im.width < SMALL_IMAGE
+        width = im.width * scale if small else im.width
+    cls = ' class="pixel"' if small else ""
+    return (f'<img{cls} src="{html.escape(name)}" width="{width}" '
             f'alt="{html.escape(alt)}">')
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def mesh_summary(metrics: Mapping) -> str:
+    """One sentence on the mesh's topology from a run's metrics (`lmc_jax.nerf.export`'s
+    `mesh_pieces`, `mesh_watertight`, `mesh_euler`, `mesh_genus`, their `_raw` values before
+    the floaters were removed), or '' when the metrics have none.
+
+    Holes are stated from the Euler number of the closed mesh alone (`chi = 2P - 2g` over `P`
+    closed pieces): a mesh with genus 0 is said to have no through-hole, whatever the prompt.
+    """
+    pieces = metrics.get("mesh_pieces")
+    if metrics.get("no_surface") or not pieces or "mesh_euler" not in metrics:
+        return ""
+    text = f"The mesh is {_count(int(pieces), 'piece')}"
+    raw = metrics.get("mesh_pieces_raw")
+    if raw is not None and raw != pieces:
+        fraction = metrics.get("mesh_outlier_fraction")
+        under = f" under {100 * fraction:g}% of the faces" if fraction else ""
+        text += f" ({_count(int(raw) - int(pieces), 'floater')}{under} removed of {raw})"
+    euler = int(metrics["mesh_euler"])
+    if metrics.get("mesh_watertight"):
+        genus = metrics.get("mesh_genus")
+        holes = ("no through-hole" if genus == 0 else
+                 f"{_count(int(genus), 'through-hole')}" if genus is not None else "")
+        text += f", closed (watertight), Euler number {euler}"
+        text += f": {holes} (genus {genus})." if holes else "."
+    else:
+        text += f", not closed (some edges lack a second face), Euler number {euler}."
+    return text
 
 
 def _grids(workdir: str) -> list[tuple[int, str]]:
@@ -184,15 +225,23 @@ def write_report(workdir: str, metrics: Mapping, config: Mapping | None = None,
             f'<div class="meta">{html.escape(method_line(config))}</div>']
     body += [f'<div class="warning">{html.escape(w)}</div>' for w in warnings]
     body += ["<h2>3D model</h2>", viewer]
+    summary = mesh_summary(metrics)
+    if summary:
+        body.append(f'<p class="meta">{html.escape(summary)}</p>')
     for name in ("video.mp4", "video.gif"):
         if os.path.exists(os.path.join(workdir, name)):
             body.append("<h2>360-degree video</h2>")
-            body.append(f'<video src="{name}" width="256" controls loop autoplay muted></video>'
+            body.append(f'<video src="{name}" width="384" controls loop autoplay muted></video>'
                         if name.endswith(".mp4") else
-                        f'<img class="pixel" src="{name}" width="256" alt="orbit video">')
+                        f'<img class="pixel" src="{name}" width="384" alt="orbit video">')
             break
     if os.path.exists(os.path.join(workdir, "views.png")):
         body += ["<h2>Views</h2>", _img(workdir, "views.png", "orbit views")]
+    if os.path.exists(os.path.join(workdir, "view_top.png")):
+        body += ["<h2>Top view (camera looking down)</h2>",
+                 f"<figure>{_img(workdir, 'view_top.png', 'top view')}<figcaption>"
+                 f"{html.escape(summary or 'from straight above the object')}"
+                 "</figcaption></figure>"]
     grids = _grids(workdir)
     if grids:
         body.append("<h2>Fixed views over the training steps</h2>")
@@ -205,7 +254,7 @@ def write_report(workdir: str, metrics: Mapping, config: Mapping | None = None,
                  for k, v in rows]
         body.append("</table>")
     files = [n for n in ("mesh.glb", "mesh.obj", "mesh.mtl", "mesh_albedo.png", "mesh.ply",
-                         "metrics.json", "config.json")
+                         "views.png", "view_top.png", "metrics.json", "config.json")
              if os.path.exists(os.path.join(workdir, n))]
     if files:
         body.append("<h2>Files</h2><p>" + " · ".join(

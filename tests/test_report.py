@@ -81,6 +81,31 @@ def test_report_shows_the_run_and_needs_nothing_outside_the_folder(run_folder):
         assert f.read(200) in page  # the vendored viewer, inlined
 
 
+def test_report_states_the_meshs_topology_and_shows_the_top_view(run_folder, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(run_folder[0], workdir)
+    Image.fromarray(np.full((256, 256, 3), 128, np.uint8)).save(workdir / "view_top.png")
+    ball = {"mesh_pieces": 1, "mesh_pieces_raw": 4, "mesh_outlier_fraction": 0.01,
+            "mesh_watertight": True, "mesh_euler": 2, "mesh_genus": 0}
+    report.write_report(str(workdir), {**METRICS, **ball}, CONFIG)
+    tags, text = _parse(workdir / "report.html")
+    said = ("The mesh is 1 piece (3 floaters under 1% of the faces removed of 4), closed "
+            "(watertight), Euler number 2: no through-hole (genus 0).")
+    assert said in text and "Top view (camera looking down)" in text
+    top = [a for t, a in tags if t == "img" and a["src"] == "view_top.png"]
+    assert top and top[0]["width"] == "256" and "class" not in top[0]  # shown at its size
+    assert report.mesh_summary({"mesh_pieces": 1, "mesh_pieces_raw": 1, "mesh_euler": 0,
+                                "mesh_watertight": True, "mesh_genus": 1}).endswith(
+        "Euler number 0: 1 through-hole (genus 1).")
+    assert report.mesh_summary({"mesh_pieces": 2, "mesh_euler": 3,
+                                "mesh_watertight": False}) == (
+        "The mesh is 2 pieces, not closed (some edges lack a second face), Euler number 3.")
+    assert report.mesh_summary({"no_surface": True, "mesh_pieces": 0}) == ""
+    assert "through-hole" not in report.mesh_summary({"mesh_pieces": 1, "mesh_euler": 2})
+
+
 def test_report_without_a_mesh_says_why(tmp_path):
     empty = export.write_assets(str(tmp_path), lambda x: 0.0 * x[:, 0], _purple, 8, 1.0)
     warning = "EMPTY SCENE: 0.00% of the evaluation views' pixels are opaque"

@@ -23,6 +23,7 @@ def _config(preset="mixture"):
     c.field.width = 16
     c.output.video_frames = 6
     c.output.video_size = 16
+    c.output.view_size = 24
     c.output.mesh_resolution = 16
     c.output.texture_size = 64
     c.output.grid_every = 2
@@ -41,6 +42,12 @@ def test_short_run_writes_video_mesh_grids_and_resumes(tmp_path):
     assert (tmp_path / "mesh.obj").exists() and (tmp_path / "mesh.ply").exists()
     assert (tmp_path / "mesh.glb").exists() and (tmp_path / "report.html").exists()
     assert metrics["mesh_faces"] > 0
+    # The initial blob: one closed piece with no hole (lmc_jax.nerf.cleanup).
+    assert metrics["mesh_pieces"] == 1 and metrics["mesh_watertight"], metrics
+    assert metrics["mesh_euler"] == 2 and metrics["mesh_pieces_raw"] >= 1
+    views = iio.imread(tmp_path / "views.png")
+    assert views.shape == (2 * (24 + 2) + 2, 3 * (24 + 2) + 2, 3)
+    assert iio.imread(tmp_path / "view_top.png").shape == (24, 24, 3)
     assert not metrics["empty_scene"] and "warnings" not in metrics  # the initial blob is opaque
     assert (tmp_path / "grid_000002.png").exists() and (tmp_path / "grid_000004.png").exists()
     lines = (tmp_path / "metrics.jsonl").read_text().strip().splitlines()
@@ -58,6 +65,8 @@ def test_short_run_writes_video_mesh_grids_and_resumes(tmp_path):
     ("render.size", 12, "render.size=12"),
     ("render.size", 64, "render.size=64"),
     ("field.blob_shape", "cubic", "field.blob_shape"),
+    ("output.mesh_outlier_fraction", 1.5, r"output.mesh_outlier_fraction=1.5 .*\[0, 1\)"),
+    ("output.view_size", 0, "output.view_size must be > 0"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, key, value, needle):
     c = _config()
@@ -186,7 +195,8 @@ def test_a_collapsed_field_ends_the_cli_run_with_a_warning_and_status_0(tmp_path
 
     flags = {"steps": 2, "render.size": 16, "render.num_coarse": 8, "render.num_fine": 8,
              "field.width": 16, "field.blob_density": -100.0, "field.blob_radius": 10.0,
-             "output.video_frames": 4, "output.video_size": 16, "output.mesh_resolution": 16,
+             "output.video_frames": 4, "output.video_size": 16, "output.view_size": 16,
+             "output.mesh_resolution": 16,
              "output.grid_every": 2, "log_every": 2, "checkpoint_every": 2}
     proc = subprocess.run(
         [sys.executable, "-m", "lmc_jax.main", "--config=configs/t23d.py:mixture",

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from collections import namedtuple
 from collections.abc import Callable
 
@@ -68,7 +69,9 @@ def validate(config: ml_collections.ConfigDict, prior: Prior) -> str:
         raise UserError(f"field.blob_shape must be one of {list(BLOB_SHAPES)}, got "
                         f"{config.field.blob_shape!r}")
     export.check_threshold(config.output.mesh_threshold)
+    export.check_outlier_fraction(config.output.mesh_outlier_fraction)
     require_positive(config.output.texture_size, "output.texture_size")
+    require_positive(config.output.view_size, "output.view_size")
     if config.shading.background not in BACKGROUNDS:
         raise UserError(f"shading.background must be one of {list(BACKGROUNDS)}, got "
                         f"{config.shading.background!r}")
@@ -332,6 +335,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             out["warnings"] = [empty_scene_warning(out, workdir)]
         elif out["no_surface"]:
             out["warnings"] = [f"NO MESH: {out['no_surface_reason']}; no mesh.glb written."]
+        elif not out.get("mesh_watertight", True):
+            out["warnings"] = ["MESH NOT CLOSED: some edges of mesh.glb/.obj/.ply have one "
+                               "face or more than two; a printer or a boolean may refuse it."]
     result = {k: float(v) for k, v in res["metrics"].items()}
     result.update(out, train_seconds=train_seconds, steps=config.steps,
                   seconds_per_step=train_seconds / max(config.steps - res["start_step"], 1))
@@ -381,17 +387,35 @@ def empty_scene_warning(out: dict, workdir: str) -> str:
             "lower reg.opacity or a higher guidance.w.")
 
 
+NUM_VIEWS = 6  # orbit views in views.png (two rows of three)
+TOP_ELEVATION = 90.0  # view_top.png: the camera straight above the object, looking down
+
+
 def write_outputs(field: MLPField, params, config, workdir: str) -> dict:
-    """The 360-degree video, views.png and the mesh (`export.write_field_assets`: GLB and
-    OBJ with a baked albedo texture, PLY)."""
+    """The 360-degree video, the views and the mesh.
+
+    video.mp4: `output.video_frames` orbit frames of `output.video_size` pixels; views.png:
+    `NUM_VIEWS` orbit views and view_top.png: one view from straight above (a torus's hole, or
+    its absence, shows there), both rendered from the field at `output.view_size` pixels; the
+    mesh by `export.write_field_assets` (one closed mesh without floaters as GLB and OBJ with a
+    baked albedo texture, and PLY; its figures go into the metrics). `output_seconds`: the time
+    all of this took.
+    """
+    start = time.time()
     oc = config.output
     frames = render_orbit(field, params, config, oc.video_frames, oc.video_size)
     video = export.write_video(os.path.join(workdir, "video.mp4"), frames, fps=oc.video_fps)
-    io.save_png(os.path.join(workdir, "views.png"), io.grid([frames[:: max(len(frames) // 6, 1)]]))
-    return {"video": str(video), **export.write_field_assets(
+    views = render_orbit(field, params, config, NUM_VIEWS, oc.view_size)
+    half = (NUM_VIEWS + 1) // 2
+    io.save_png(os.path.join(workdir, "views.png"), io.grid([views[:half], views[half:]]))
+    top = render_orbit(field, params, config, 1, oc.view_size, elevation=TOP_ELEVATION)
+    io.save_png(os.path.join(workdir, "view_top.png"), top[0])
+    out = {"video": str(video), **export.write_field_assets(
         workdir, field, params["field"], resolution=oc.mesh_resolution,
         bound=config.render.scene_radius, threshold=oc.mesh_threshold,
-        texture_size=oc.texture_size)}
+        texture_size=oc.texture_size, outlier_fraction=oc.mesh_outlier_fraction)}
+    out["output_seconds"] = time.time() - start
+    return out
 
 
 def evaluate_views(field: MLPField, params, config, views: np.ndarray | None = None) -> dict:

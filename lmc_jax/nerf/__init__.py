@@ -8,7 +8,12 @@
 - `renderer`: `render_rays`, the pieces above wired into a coarse-to-fine render of a field.
 - `shading`: density-gradient normals, albedo/lambertian/textureless shading, backgrounds.
 - `regularizers`: orientation and opacity losses.
-- `export`: marching-cubes meshes, textured GLB/OBJ, PLY, videos.
+- `surface`: density grid, iso level ('auto': the opaque rays'), closed marching-cubes mesh.
+- `cleanup`: mesh pieces, floater removal, topology figures (watertight, Euler number).
+- `texture`: xatlas UV atlas and the baked albedo texture.
+- `mesh_io`: GLB, OBJ + MTL + PNG and PLY writers.
+- `video`: MP4 (GIF fallback) writer.
+- `export`: the entry that runs them: one closed, cleaned mesh in every format.
 """
 
 from lmc_jax.nerf.cameras import (

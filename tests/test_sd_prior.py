@@ -306,6 +306,144 @@ def test_pytorch_folder_loads_without_a_flag_and_the_second_load_is_cached(
         sd.load_stable_diffusion(str(changed))
 
 
+# --- a damaged converted-weights cache entry: set aside, converted again -----------------------
+
+
+def _unet_entry(cache: Path) -> Path:
+    """The converted-weights entry of the UNet in `cache` (by the folder its source.json names)."""
+    for entry in (cache / "flax").iterdir():
+        if json.loads((entry / "source.json").read_text())["folder"].endswith("unet"):
+            return entry
+    raise AssertionError("no unet entry")
+
+
+def _half(f: Path) -> None:
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size // 2)
+
+
+SD_DAMAGES = {
+    "truncated weights": lambda e: _half(e / "flax.safetensors"),
+    "source.json removed, folder left": lambda e: (e / "source.json").unlink(),
+    "garbage source.json": lambda e: (e / "source.json").write_bytes(b"\x00garbage"),
+    "no checksums, truncated weights": lambda e: ((e / "checksums.json").unlink(),
+                                                  _half(e / "flax.safetensors")),
+    "no checksums, garbage source.json": lambda e: ((e / "checksums.json").unlink(),
+                                                    (e / "source.json").write_text("[]")),
+}
+
+
+@pytest.mark.parametrize("damage", list(SD_DAMAGES))
+def test_damaged_converted_weights_are_set_aside_and_converted_again(pt_folder, tiny, tmp_path,
+                                                                     capsys, damage):
+    from lmc_jax.cache import entry_problem
+
+    cache = tmp_path / "cache"
+    sd.load_stable_diffusion(str(pt_folder), cache_dir=str(cache))
+    entry = _unet_entry(cache)
+    assert entry_problem(entry, cache) is None
+    SD_DAMAGES[damage](entry)
+    before = sorted(p.name for p in entry.iterdir())
+    capsys.readouterr()
+    again = sd.load_stable_diffusion(str(pt_folder), cache_dir=str(cache))
+    _assert_same_params(tiny.params, again.params)
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "WARNING" in ln]
+    assert len(warnings) == 1 and str(entry) in warnings[0], warnings
+    aside = [p for p in (cache / "flax").iterdir() if ".damaged-" in p.name]
+    assert len(aside) == 1 and aside[0].name.startswith(entry.name + ".damaged-")
+    assert aside[0].name in warnings[0]
+    assert sorted(p.name for p in aside[0].iterdir()) == before  # kept, not deleted
+    assert entry_problem(entry, cache) is None  # stored again
+    sd.load_stable_diffusion(str(pt_folder), cache_dir=str(cache))
+    assert "WARNING" not in capsys.readouterr().err
+
+
+def test_damaged_converted_weights_that_cannot_be_moved(pt_folder, tiny, tmp_path, capsys,
+                                                        monkeypatch):
+    from lmc_jax.priors import sd_load
+
+    cache = tmp_path / "cache"
+    sd.load_stable_diffusion(str(pt_folder), cache_dir=str(cache))
+    entry = _unet_entry(cache)
+    _half(entry / "flax.safetensors")
+
+    def refuse(folder):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(sd_load, "set_aside", refuse)
+    capsys.readouterr()
+    again = sd.load_stable_diffusion(str(pt_folder), cache_dir=str(cache))  # converted anyway
+    _assert_same_params(tiny.params, again.params)
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "WARNING" in ln]
+    assert len(warnings) == 1 and f"delete the folder {entry}" in warnings[0], warnings
+
+
+def test_conversion_moves_in_over_a_half_present_entry(pt_folder, tiny, tmp_path, capsys,
+                                                       monkeypatch):
+    """A folder that appears at the destination during the conversion (another writer, half
+    done) is set aside; the new conversion takes its place."""
+    from lmc_jax.priors import sd_load
+
+    cache = tmp_path / "cache"
+    real = sd_load._check_params
+    intruded = []
+
+    def intrude(expected, params, folder):
+        if folder.name == "unet" and not intruded:
+            entry = sd_load._cache_entry(folder, sd_load.pytorch_weight_files(
+                folder, "diffusion_pytorch_model"), cache)
+            entry.mkdir(parents=True)
+            (entry / "flax.safetensors").write_bytes(b"\x08\x00")
+            intruded.append(entry)
+        return real(expected, params, folder)
+
+    monkeypatch.setattr(sd_load, "_check_params", intrude)
+    prior = sd.load_stable_diffusion(str(pt_folder), cache_dir=str(cache))
+    _assert_same_params(tiny.params, prior.params)
+    from lmc_jax.cache import entry_problem
+
+    assert intruded and entry_problem(intruded[0], cache) is None
+    assert capsys.readouterr().err.count("WARNING") == 1
+    assert not [p for p in (cache / "flax").iterdir() if ".tmp" in p.name]
+
+
+def test_single_file_conversion_cache_heals(tmp_path, saved, capsys, monkeypatch):
+    """The single-file cache (a diffusers folder made by diffusers' converter, faked here: no
+    torch in the test environment) is checked and set aside the same way."""
+    import sys
+    import types
+
+    import diffusers
+
+    from lmc_jax.priors import sd_load
+
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"a single-file checkpoint")
+    made = []
+
+    class FakePipeline:
+        @staticmethod
+        def from_single_file(path, local_files_only):
+            made.append(path)
+            return FakePipeline()
+
+        def save_pretrained(self, out, safe_serialization):
+            shutil.copytree(saved, out)
+
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
+    monkeypatch.setattr(diffusers, "StableDiffusionPipeline", FakePipeline, raising=False)
+    cache = tmp_path / "cache"
+    first = sd_load._single_file_folder(ckpt, cache)
+    assert (first / "checksums.json").is_file() and len(made) == 1
+    assert sd_load._single_file_folder(ckpt, cache) == first and len(made) == 1
+    (first / "model_index.json").unlink()
+    capsys.readouterr()
+    assert sd_load._single_file_folder(ckpt, cache) == first and len(made) == 2
+    err = capsys.readouterr().err
+    assert err.count("WARNING") == 1 and "model_index.json is missing" in err
+    assert [p for p in first.parent.iterdir() if ".damaged-" in p.name]
+
+
 def test_fp16_variant_folder(tiny, tmp_path):
     folder = sd.save_tiny_pytorch_pipeline(tmp_path / "fp16", variant="fp16")
     assert (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()

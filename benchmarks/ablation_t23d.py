@@ -86,6 +86,12 @@ COLUMNS = (("both", "both", 2), ("r_precision", "R-prec", 2), ("shape", "shape",
            ("colf_ratio", "colf/real", 2))
 
 
+# Where the scenes' meshes were measured (`mesh_scores`): mean pieces before and after the
+# floaters are removed, fraction of one closed piece.
+MESH_COLUMNS = (("mesh_pieces_raw", "pieces raw", 1), ("mesh_pieces", "pieces", 2),
+                ("mesh_one_closed", "1 closed", 2))
+
+
 def tiny_config(steps: int):
     from lmc_jax.config import load_config
 
@@ -144,6 +150,48 @@ def scene_views(field, params: list, config) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([v for v, _ in out]), np.round(255.0 * np.clip(acc, 0, 1)).astype(np.uint8)
 
 
+# Per scene, the mesh figures stored as `<row>/<seed>/mesh` (int [S, len(MESH_FIGURES)]).
+MESH_FIGURES = ("pieces_raw", "pieces", "watertight", "euler", "faces")
+
+
+def scene_meshes(field, params: list, config) -> np.ndarray:
+    """Each scene's mesh as `apps.t23d.write_outputs` makes it (`export.extract_mesh` at the
+    preset's resolution, level and outlier fraction, `lmc_jax.nerf.cleanup.mesh_figures`):
+    int [S, 5] = pieces before the floaters are removed, pieces, watertight (0/1), Euler
+    number, faces; a scene with no surface has zeros."""
+    from lmc_jax.nerf import export
+
+    oc, rows = config.output, []
+    for p in params:
+        try:
+            mesh = export.extract_mesh(field, p["field"], oc.mesh_resolution,
+                                       config.render.scene_radius, oc.mesh_threshold,
+                                       outlier_fraction=oc.mesh_outlier_fraction)
+        except export.NoSurfaceError:
+            rows.append([0] * len(MESH_FIGURES))
+            continue
+        fig = mesh["figures"]
+        rows.append([mesh["raw"]["pieces"], fig["pieces"], int(fig["watertight"]), fig["euler"],
+                     len(mesh["faces"])])
+    return np.asarray(rows, np.int64)
+
+
+def mesh_scores(meshes: np.ndarray, prompts: list[str]) -> dict:
+    """The figures of one (row, seed)'s meshes `scene_meshes` [25, 5]: mean pieces before and
+    after the cleanup, the fraction of scenes whose mesh is one closed piece (`one_closed`)
+    and of those with Euler number 2 (no through-hole) and 0 (one), and per scene."""
+    m = {k: meshes[:, i] for i, k in enumerate(MESH_FIGURES)}
+    meshed = m["faces"] > 0
+    one_closed = meshed & (m["pieces"] == 1) & (m["watertight"] == 1)
+    return {"mesh_pieces_raw": float(m["pieces_raw"].mean()),
+            "mesh_pieces": float(m["pieces"].mean()),
+            "mesh_one_closed": float(one_closed.mean()),
+            "mesh_euler_2": float((meshed & (m["euler"] == 2)).mean()),
+            "mesh_euler_0": float((meshed & (m["euler"] == 0)).mean()),
+            "per_scene_mesh": {p: dict(zip(MESH_FIGURES, map(int, row), strict=True))
+                               for p, row in zip(prompts, meshes, strict=True)}}
+
+
 def score(measure, evaluator, views: np.ndarray, acc: np.ndarray) -> dict:
     """The figures of one (row, seed): views [25, V, H, W, 3] uint8, acc [25, V, H, W]."""
     from lmc_jax.apps import t23d
@@ -184,11 +232,12 @@ def table(results: dict, labels: dict) -> str:
     rows = []
     first = next(iter(next(iter(results.values()))["seeds"].values()))
     columns = COLUMNS[:1] + ((("pattern", "pattern", 2),) if "pattern" in first else ()) \
-        + COLUMNS[1:]
+        + COLUMNS[1:] + (MESH_COLUMNS if "mesh_pieces" in first else ())
     for key, res in results.items():
         runs = list(res["seeds"].values())
         row = [labels[key]]
-        row += [ablation.cell([r[name] for r in runs], digits) for name, _, digits in columns]
+        row += [ablation.cell([r.get(name, np.nan) for r in runs], digits)
+                for name, _, digits in columns]
         row.append(str(len(runs)))
         rows.append(row)
     # Training seconds are in the JSON (per seed), not here: cells trained at other machine
@@ -272,6 +321,7 @@ def main() -> None:
             params, field, secs = train_scenes(c, prior, prompts, s)
             views, acc = scene_views(field, params, c)
             saved[f"{name}/views"], saved[f"{name}/acc"] = views, acc
+            saved[f"{name}/mesh"] = scene_meshes(field, params, c)
             seconds[name] = secs
             np.savez_compressed(views_path, **saved)
             io.write_json(views_path + ".json", seconds)
@@ -295,10 +345,14 @@ def main() -> None:
             runs[str(s)] = score(measure, evaluator, saved[f"{name}/views"],
                                  saved[f"{name}/acc"].astype(np.float32) / 255.0)
             runs[str(s)]["seconds"] = seconds.get(name, 0.0)
+            if f"{name}/mesh" in saved:  # rows trained before meshes were measured have none
+                runs[str(s)].update(mesh_scores(saved[f"{name}/mesh"], prompts))
         if runs:
+            first = next(iter(runs.values()))
+            keys = figures_of(first) + tuple(k for k, _, _ in MESH_COLUMNS if k in first)
             results[key] = {"guidance_overrides": overrides, "seeds": runs,
-                            "mean": {k: float(np.mean([r[k] for r in runs.values()]))
-                                     for k in figures_of(next(iter(runs.values())))}}
+                            "mean": {k: float(np.mean([r.get(k, np.nan) for r in runs.values()]))
+                                     for k in keys}}
     text = table(results, labels)
     print(text)
     io.write_json(json_path, {

@@ -3,7 +3,9 @@
 For every prompt and method, runs `configs/t23d.py:tiny` (the embedded prior) and reads the
 evaluator's figures from its metrics.json (`lmc_jax.apps.t23d.evaluate_views`): accuracy and
 R-precision over 8 orbit views (against all 25 shape-colour prompts) and the colourfulness
-ratio (views over training renders of the same prompt; 1 is right, > 1 over-saturated).
+ratio (views over training renders of the same prompt; 1 is right, > 1 over-saturated), and
+the mesh's figures (pieces before and after the floaters are removed, watertight, Euler
+number; `mesh_summary` counts the runs whose mesh is one closed piece).
 An empty scene (`empty_scene` in metrics.json: under 1% of the evaluation views' pixels opaque,
 `lmc_jax.apps.t23d.occupancy`) is a failure: its accuracy and R-precision count as 0 whatever
 the evaluator made of the bare background, and each method's summary counts its empty scenes.
@@ -63,6 +65,9 @@ def run_one(prompt: str, method: str, steps: int, workdir: str) -> dict:
 
 
 SCORES = ("eval_accuracy", "eval_r_precision")
+# Each run's mesh figures (metrics.json; lmc_jax.nerf.export): pieces before and after the
+# floaters are removed, closed or not, Euler number (2: no through-hole, 0: one).
+MESH_KEYS = ("mesh_pieces_raw", "mesh_pieces", "mesh_watertight", "mesh_euler")
 
 
 def scored(m: dict) -> dict:
@@ -72,6 +77,21 @@ def scored(m: dict) -> dict:
     if m["empty_scene"]:
         m.update({k: 0.0 for k in SCORES})
     return m
+
+
+def mesh_summary(results: dict[str, dict[str, dict]]) -> dict[str, str]:
+    """Per method, one line on its meshes: how many are one closed piece, the Euler numbers,
+    and the pieces before the floaters were removed."""
+    out = {}
+    for method, per in results.items():
+        meshed = [m for m in per.values() if m.get("mesh_pieces")]
+        closed = sum(m["mesh_pieces"] == 1 and bool(m.get("mesh_watertight")) for m in meshed)
+        eulers = sorted({m.get("mesh_euler") for m in meshed}, key=str)
+        raw = [m.get("mesh_pieces_raw") or 0 for m in meshed]
+        out[method] = (f"{closed} of {len(per)} one closed piece; Euler numbers {eulers}; "
+                       f"pieces before removing floaters {min(raw, default=0)}-"
+                       f"{max(raw, default=0)}")
+    return out
 
 
 def summarize(results: dict[str, dict[str, dict]], keys: tuple[str, ...]) -> list[list]:
@@ -94,25 +114,30 @@ def main() -> None:
     from lmc_jax import io
 
     keys = (*SCORES, "colourfulness_ratio", "opaque_fraction", "mesh_faces", "seconds_per_step")
-    head = ["method", "prompt", *keys, "empty_scene"]
+    head = ["method", "prompt", *keys, "empty_scene", *MESH_KEYS]
     rows, results = [], {}
     base = args.workdir or tempfile.mkdtemp(prefix="t23d_prompts_")
     for method in args.methods:
         for prompt in args.prompts:
             wd = os.path.join(base, method, prompt.replace(" ", "_"))
             m = scored(run_one(prompt, method, args.steps, wd))
-            results.setdefault(method, {})[prompt] = {k: m.get(k) for k in (*keys, "empty_scene")}
-            rows.append([method, prompt] + [m.get(k) for k in (*keys, "empty_scene")])
+            row = {k: m.get(k) for k in (*keys, "empty_scene", *MESH_KEYS)}
+            results.setdefault(method, {})[prompt] = row
+            rows.append([method, prompt, *row.values()])
             print(io.format_table(rows[-1:], head), flush=True)
     summary = summarize(results, keys)
-    print(io.format_table(rows + summary, head))
+    print(io.format_table(rows + [r + [""] * len(MESH_KEYS) for r in summary], head))
+    meshes = mesh_summary(results)
+    for method, line in meshes.items():
+        print(f"{method} meshes: {line}")
     missing = missing_meshes(base, results)
     for method, runs in missing.items():
         print(f"{method}: {len(runs)} run(s) show an object but wrote no textured GLB"
               + (f": {', '.join(runs)}" if runs else ""))
     out = {"steps": args.steps, "results": results,
            "means": {r[0]: dict(zip(keys, r[2:-1], strict=True)) for r in summary},
-           "empty_scenes": {r[0]: r[-1] for r in summary}, "missing_meshes": missing}
+           "empty_scenes": {r[0]: r[-1] for r in summary}, "missing_meshes": missing,
+           "meshes": meshes}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

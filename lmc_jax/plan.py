@@ -68,6 +68,10 @@ def slice_devices(topology: str) -> tuple[list, str]:
                         "JAX start looks for a TPU)")
     from jax.experimental import topologies
 
+    if os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
+        # Compile-only on a host without TPU chips: nothing to guard, so libtpu's one-process
+        # lock (meant for a host's real chips) need not stop a second planner.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         devs = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
     except Exception as e:  # noqa: BLE001 - libtpu's errors are long; one line names the fix
@@ -114,8 +118,8 @@ def plan_prior(config: Any, arch: str) -> tuple[Any, str]:
 def untrained_bias(config: Any, prior: Any, folder: str) -> str | None:
     """Points `guidance.bias_path` at an untrained b_psi of the automatic recipe's size when
     the run would train or look one up (LMC-SDS, learned, empty path); returns what was done."""
-    g = config.guidance
-    if g.method != "lmc" or g.bias != "learned" or g.bias_path:
+    g = config.get("guidance", None)
+    if g is None or g.method != "lmc" or g.bias != "learned" or g.bias_path:
         return None
     import jax
 

@@ -19,6 +19,7 @@ import optax
 from lmc_jax import schedule
 from lmc_jax.bias.model import BiasNet
 from lmc_jax.loop import TrainState, init_train_state
+from lmc_jax.parallel import deinterleave, interleave
 from lmc_jax.priors import gaussian
 from lmc_jax.priors.base import Prior, x_hat_from_eps
 
@@ -36,17 +37,16 @@ def deficiency_target(prior: Prior, x: jax.Array, t: jax.Array, eps: jax.Array, 
                       antithetic: bool) -> jax.Array:
     """`sg(x_hat)` of the frozen prior for clean `x` (one batched denoiser call)."""
     a, s = schedule.alpha_sigma(prior.alphas_cumprod, t)
-    if antithetic:
-        xx, tt, ee, mm = (jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                          jnp.concatenate([eps, -eps]), jnp.concatenate([emb, emb]))
-        aa, ss = jnp.concatenate([a, a]), jnp.concatenate([s, s])
+    if antithetic:  # interleaved, not concatenated: rows stay on their device (parallel)
+        xx, tt, mm, aa, ss = (interleave([v, v]) for v in (x, t, emb, a, s))
+        ee = interleave([eps, -eps])
     else:
         xx, tt, ee, mm, aa, ss = x, t, eps, emb, a, s
     x_t = schedule.add_noise(xx, ee, aa, ss)
     xh = x_hat_from_eps(x_t, prior.eps(x_t, tt, mm).astype(jnp.float32), aa, ss)
     if antithetic:
-        n = x.shape[0]
-        xh = 0.5 * (xh[:n] + xh[n:])
+        plus, minus = deinterleave(xh, 2)
+        xh = 0.5 * (plus + minus)
     return jax.lax.stop_gradient(xh)
 
 

@@ -160,14 +160,13 @@ def lowered_step(config: Any, prior: Any, mesh: Any) -> Any:
         if app == "bias":
             import optax
 
-            from lmc_jax.apps import bias
-            from lmc_jax.bias import train
+            from lmc_jax.bias import fit, train
 
-            module = bias.build_module(config.bias)
+            module = fit.build_module(config.bias)
             opt = optax.adam(config.train.lr)
             state = parallel.replicate(train.init_state(module, prior, opt, config.seed, emb),
                                        mesh)
-            step = bias.make_step(module, prior, opt, config, mesh)
+            step = fit.make_step(module, prior, opt, config, mesh)
             return step.jitted.lower(state, step.prior_params, x,
                                      parallel.shard_batch(emb, mesh))
         from lmc_jax.guidance import Conditioning

@@ -110,7 +110,7 @@ def test_first_call_trains_a_b_psi_close_to_the_exact_deficiency(prior, trained)
 def test_second_call_reuses_the_cache_without_training(prior, prior_cfg, trained, monkeypatch,
                                                        capsys):
     cache, path = trained
-    import lmc_jax.apps.bias as bias_app
+    import lmc_jax.bias.fit as bias_app  # where lmc_jax.bias.auto gets its training
 
     def no_training(*a, **k):
         raise AssertionError("trained again")
@@ -160,7 +160,7 @@ def test_recipe_overrides_from_config(prior):
 def fake_training(prior, trained, monkeypatch):
     """Training replaced by the `trained` fixture's result (counted), and no DDIM sampling:
     what is under test is the cache around it."""
-    import lmc_jax.apps.bias as bias_app
+    import lmc_jax.bias.fit as bias_app  # where lmc_jax.bias.auto gets its training
     from lmc_jax.bias.store import load_bias
 
     module, params, _ = load_bias(trained[1], prior)
@@ -240,7 +240,7 @@ def test_occupied_destination_does_not_lose_the_training(prior, prior_cfg, train
                                                          capsys):
     """A half-present folder appears at the destination while training (the old OSError
     'Directory not empty'): it is set aside and the finished b_psi moved in."""
-    import lmc_jax.apps.bias as bias_app
+    import lmc_jax.bias.fit as bias_app  # where lmc_jax.bias.auto gets its training
 
     cache = tmp_path / "cache"
     inner = bias_app.train_bias
@@ -279,7 +279,7 @@ def test_runs_at_once_on_an_empty_cache_train_once(prior, prior_cfg, fake_traini
     import threading
     import time
 
-    import lmc_jax.apps.bias as bias_app
+    import lmc_jax.bias.fit as bias_app  # where lmc_jax.bias.auto gets its training
 
     inner = bias_app.train_bias
 

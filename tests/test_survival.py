@@ -25,8 +25,8 @@ import pytest
 from _runs import tree
 
 from lmc_jax import writer as writer_mod
-from lmc_jax.apps import bias as bias_app
 from lmc_jax.apps import t23d
+from lmc_jax.bias import fit as bias_app  # the b_psi training (configs/bias.py runs it)
 from lmc_jax.checkpoint import (
     EXIT_PREEMPTED,
     Checkpointer,

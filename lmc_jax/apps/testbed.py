@@ -68,7 +68,7 @@ def learned_bias(section: ml_collections.ConfigDict, prior: Prior, prior_cfg, se
     if section.bias_path:
         _, _, fn = load_bias(section.bias_path, prior)
         return fn, 0.0
-    from lmc_jax.apps.bias import train_bias  # the same training as configs/bias.py
+    from lmc_jax.bias.fit import train_bias  # the same training as configs/bias.py
 
     cfg = ml_collections.ConfigDict({
         "seed": seed, "prior": prior_cfg,

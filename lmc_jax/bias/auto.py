@@ -14,7 +14,7 @@ and `guidance.bias_auto=True` (the default), `resolve_bias` returns the folder o
    `~/.cache/lmc_jax`. A damaged or half-written entry is renamed `<key>.damaged-<time>` with
    one warning line and trained again; one that cannot be renamed stops the run with one
    `error:` line naming the folder to delete.
-3. A miss trains one before the main job with `lmc_jax.apps.bias.train_bias` (the bias app's
+3. A miss trains one before the main job with `lmc_jax.bias.fit.train_bias` (the bias app's
    own loop: progress bar with ETA, checkpoints, resume after a preemption) on the prior's own
    DDIM samples (`GENERIC_PROMPTS` that the prior's tokenizer knows, else the captions of the
    embedded world, plus the first run's prompt; recorded in bias.json), or on the images of
@@ -227,7 +227,7 @@ def draw_samples(prior: Prior, prompts: list[str], recipe: Recipe, chunk: int,
 
 def bias_config(prior_cfg: ml_collections.ConfigDict, recipe: Recipe, data_path: str,
                 samples_file: str) -> ml_collections.ConfigDict:
-    """The configs/bias.py-shaped config that `lmc_jax.apps.bias.train_bias` runs."""
+    """The configs/bias.py-shaped config that `lmc_jax.bias.fit.train_bias` runs."""
     c = ml_collections.ConfigDict()
     c.app = "bias"
     c.seed = recipe.seed
@@ -345,7 +345,7 @@ def _set_aside(out: Path, problem: str) -> None:
 def _train_into(out: Path, prior: Prior, prior_cfg: ml_collections.ConfigDict, recipe: Recipe,
                 prompt: str | None, data_path: str, weights: str, quiet: bool,
                 main: bool) -> str:
-    from lmc_jax.apps.bias import train_bias
+    from lmc_jax.bias.fit import train_bias
     from lmc_jax.bias.model import param_count
     from lmc_jax.bias.store import save_bias
 

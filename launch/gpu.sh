@@ -25,6 +25,7 @@ VENV="${VENV:-.venv-gpu}"
 JAX_VERSION="${JAX_VERSION:-0.10.2}"
 MAX_RETRIES="${MAX_RETRIES:-20}"
 RETRY_SLEEP="${RETRY_SLEEP:-30}"
+REQUIRE_GPU="${REQUIRE_GPU:-1}"                  # 0: run on what JAX finds (a CPU) all the same
 # JAX on GPU: take 90% of the GPU memory up front (the default is 75%); set
 # XLA_PYTHON_CLIENT_PREALLOCATE=false to allocate on demand (slower, shares the GPU).
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}"
@@ -47,6 +48,7 @@ REPO_URL="${REPO_URL:-}"
 REMOTE_DIR="${REMOTE_DIR:-/opt/lmc_jax}"         # where the startup script clones REPO_URL
 POLL_SECONDS="${POLL_SECONDS:-120}"
 DELETE_WHEN_DONE="${DELETE_WHEN_DONE:-0}"        # 0: keep the (stopped) VM and its outputs
+REMOTE_LOG="${REMOTE_LOG:-/var/log/lmc_jax.log}" # the job's output on the VM (gce-logs shows it)
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
@@ -63,9 +65,13 @@ install() {
     "$VENV/bin/pip" install -q -e . "jax[cuda12]==$JAX_VERSION"
   fi
   if ! "$VENV/bin/python" -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')"; then
-    echo "error: JAX sees no GPU (nvidia-smi: $(nvidia-smi -L 2>&1 | head -n 1)); check the" \
-      "NVIDIA driver (>= 525 for CUDA 12)" >&2
-    exit 1
+    if [[ "$REQUIRE_GPU" != 0 ]]; then
+      echo "error: JAX sees no GPU (nvidia-smi: $(nvidia-smi -L 2>&1 | head -n 1)); check the" \
+        "NVIDIA driver (>= 525 for CUDA 12), or set REQUIRE_GPU=0 to run on the CPU" >&2
+      exit 1
+    fi
+    log "no GPU: running on $("$VENV/bin/python" -c "import jax; print(jax.default_backend())")" \
+      "(REQUIRE_GPU=0)"
   fi
 }
 
@@ -102,6 +108,19 @@ run_host() {
 # ---- gce mode: a spot VM whose startup script is this file -----------------------------------
 gc() { gcloud --quiet --project="$PROJECT" "$@"; }
 
+need_gcloud() {  # gcloud on PATH and a project, or one error line
+  if ! command -v gcloud >/dev/null; then
+    echo "error: gcloud not found: install the Google Cloud CLI (https://cloud.google.com/sdk)" \
+      "and run gcloud auth login" >&2
+    exit 2
+  fi
+  PROJECT="${PROJECT:-$(gcloud config get-value project 2>/dev/null || true)}"
+  if [[ -z "$PROJECT" ]]; then
+    echo "error: no project: set PROJECT=... or run gcloud config set project ..." >&2
+    exit 2
+  fi
+}
+
 vm_status() {  # RUNNING, TERMINATED (stopped or preempted), STOPPING, ... or NOT_FOUND
   gc compute instances describe "$VM_NAME" --zone="$ZONE" --format='value(status)' 2>/dev/null \
     || echo NOT_FOUND
@@ -115,7 +134,7 @@ startup_script() {  # this file, with the settings fixed, running host mode from
     JAX_VERSION "$JAX_VERSION" MAX_RETRIES "$MAX_RETRIES"
   printf 'if [ ! -d %q ]; then git clone %q %q || exit 1; fi\n' \
     "$REMOTE_DIR" "$REPO_URL" "$REMOTE_DIR"
-  printf 'cd %q && exec bash launch/gpu.sh host >> /var/log/lmc_jax.log 2>&1\n' "$REMOTE_DIR"
+  printf 'cd %q && exec bash launch/gpu.sh host >> %q 2>&1\n' "$REMOTE_DIR" "$REMOTE_LOG"
 }
 
 create_vm() {
@@ -141,11 +160,7 @@ run_gce() {
     echo "error: gce mode clones the code on the VM: set REPO_URL (a git URL it can reach)" >&2
     exit 2
   fi
-  PROJECT="${PROJECT:-$(gcloud config get-value project 2>/dev/null || true)}"
-  if [[ -z "$PROJECT" ]]; then
-    echo "error: no project: set PROJECT=... or run gcloud config set project ..." >&2
-    exit 2
-  fi
+  need_gcloud
   local status done_file
   done_file="$(workdir_on_vm)/.lmc_done"
   while true; do
@@ -174,8 +189,8 @@ run_gce() {
 case "${1:-host}" in
   host) run_host ;;
   gce) run_gce ;;
-  gce-status) echo "VM: $(vm_status)" ;;
-  gce-logs) vm_ssh "sudo tail -n 50 /var/log/lmc_jax.log" ;;
-  gce-delete) gc compute instances delete "$VM_NAME" --zone="$ZONE" ;;
+  gce-status) need_gcloud; echo "VM: $(vm_status)" ;;
+  gce-logs) need_gcloud; vm_ssh "sudo tail -n 50 $(printf %q "$REMOTE_LOG")" ;;
+  gce-delete) need_gcloud; gc compute instances delete "$VM_NAME" --zone="$ZONE" ;;
   *) echo "usage: $0 [host|gce|gce-status|gce-logs|gce-delete]" >&2; exit 2 ;;
 esac

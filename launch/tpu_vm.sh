@@ -33,7 +33,12 @@
 set -euo pipefail
 
 # ---- settings --------------------------------------------------------------------------------
-PROJECT="${PROJECT:-$(gcloud config get-value project 2>/dev/null)}"
+if ! command -v gcloud >/dev/null; then
+  echo "error: gcloud not found: install the Google Cloud CLI (https://cloud.google.com/sdk)" \
+    "and run gcloud auth login" >&2
+  exit 2
+fi
+PROJECT="${PROJECT:-$(gcloud config get-value project 2>/dev/null || true)}"
 ZONE="${ZONE:-us-central1-a}"
 ACCELERATOR="${ACCELERATOR:-v5litepod-8}"      # v4-8, v5litepod-8, v6e-8, v4-16 (2 workers) ...
 RUNTIME="${RUNTIME:-v2-alpha-tpuv5-lite}"       # v4: tpu-ubuntu2204-base; v6e: v2-alpha-tpuv6e
@@ -47,9 +52,11 @@ EXTRA_ARGS="${EXTRA_ARGS:-}"                    # shell words: '--config.prompt=
 GCS_BUCKET="${GCS_BUCKET:-}"                    # e.g. my-bucket (no gs://); empty: local workdir
 REPO_URL="${REPO_URL:-}"                        # empty: copy this checkout to the workers
 JAX_VERSION="${JAX_VERSION:-0.10.2}"
-POLL_SECONDS="${POLL_SECONDS:-60}"
+POLL_SECONDS="${POLL_SECONDS:-60}"             # between checks of a running job
+WAIT_SECONDS="${WAIT_SECONDS:-30}"              # between tries while the TPU comes up or goes
 MAX_RELAUNCHES="${MAX_RELAUNCHES:-50}"
 DELETE_WHEN_DONE="${DELETE_WHEN_DONE:-1}"       # delete the TPU after the job succeeded
+OUT_DIR="${OUT_DIR:-.}"                         # without GCS_BUCKET: where RUN_NAME-out.tar.gz goes
 
 REMOTE_REPO="lmc_jax"                           # in the remote home directory
 REMOTE_VENV="lmc_venv"
@@ -93,7 +100,7 @@ delete_tpu() {
   else
     gc compute tpus tpu-vm delete "$TPU_NAME" --zone="$ZONE" || true
   fi
-  while [[ "$(tpu_state)" != NOT_FOUND ]]; do sleep 15; done
+  while [[ "$(tpu_state)" != NOT_FOUND ]]; do sleep "$WAIT_SECONDS"; done
 }
 
 create_tpu() {
@@ -122,7 +129,7 @@ ensure_tpu() {
         create_tpu || log "create failed (capacity, quota?): retrying" ;;
       *) log "TPU state $s: waiting" ;;  # ACCEPTED, WAITING_FOR_RESOURCES, PROVISIONING, CREATING
     esac
-    sleep 30
+    sleep "$WAIT_SECONDS"
   done
 }
 
@@ -193,12 +200,12 @@ start_job() {
 < /dev/null & echo $! > ~/lmc_run.pid'
 }
 
-# Copies the outputs of a run with a VM-local workdir to ./RUN_NAME-out.tar.gz.
+# Copies the outputs of a run with a VM-local workdir to OUT_DIR/RUN_NAME-out.tar.gz.
 fetch_outputs() {
   tpu_ssh 0 "tar -czf lmc_out.tar.gz -C \"\$(dirname ~/$WORKDIR)\" $RUN_NAME" &&
-    gc compute tpus tpu-vm scp "$TPU_NAME":lmc_out.tar.gz "./$RUN_NAME-out.tar.gz" \
+    gc compute tpus tpu-vm scp "$TPU_NAME":lmc_out.tar.gz "$OUT_DIR/$RUN_NAME-out.tar.gz" \
       --zone="$ZONE" --worker=0 &&
-    log "copied the outputs to ./$RUN_NAME-out.tar.gz"
+    log "copied the outputs to $OUT_DIR/$RUN_NAME-out.tar.gz"
 }
 
 # Prints the job's exit status on worker 0, RUNNING, or UNREACHABLE.
@@ -237,20 +244,20 @@ while true; do
   ensure_tpu
   if [[ "$need_setup" == 1 ]]; then
     if ! setup_workers; then
-      log "setup failed (TPU gone meanwhile?): retrying"; sleep 30; continue
+      log "setup failed (TPU gone meanwhile?): retrying"; sleep "$WAIT_SECONDS"; continue
     fi
     need_setup=0
   fi
   status="$(job_status)"
   case "$status" in
     RUNNING) log "job already running: watching it" ;;
-    UNREACHABLE) log "worker 0 unreachable: retrying"; sleep 30; continue ;;
+    UNREACHABLE) log "worker 0 unreachable: retrying"; sleep "$WAIT_SECONDS"; continue ;;
     *)
       if (( launches >= MAX_RELAUNCHES )); then
         log "giving up after $launches launches"; exit 1
       fi
       if ! start_job; then
-        log "could not start the job: retrying"; sleep 30; continue
+        log "could not start the job: retrying"; sleep "$WAIT_SECONDS"; continue
       fi
       launches=$((launches + 1)) ;;
   esac
@@ -270,7 +277,7 @@ while true; do
         log "job finished; outputs in ~/$WORKDIR${GCS_BUCKET:+ = gs://$GCS_BUCKET/$RUN_NAME}"
         if [[ "$DELETE_WHEN_DONE" == 1 ]]; then
           [[ -n "$GCS_BUCKET" ]] || fetch_outputs || log "could not copy the outputs; TPU kept"
-          [[ -n "$GCS_BUCKET" || -f "./$RUN_NAME-out.tar.gz" ]] && delete_tpu
+          [[ -n "$GCS_BUCKET" || -f "$OUT_DIR/$RUN_NAME-out.tar.gz" ]] && delete_tpu
         fi
         exit 0 ;;
       143|137)

@@ -217,12 +217,13 @@ def make_evaluate(net: Translator, prior: Prior, guide: Guidance, key: jax.Array
     def evaluate(params, prior_params, x: jax.Array, cond: Conditioning):
         pr = prior.replace(params=prior_params)
         y = net.apply(params, x)
-        norms = []
-        for i in range(draws):
+
+        def norm(i):  # one compiled guidance call for every draw (lax.map, not unrolled)
             t, eps = draw(key, i, y.shape[0], pr.x_shape)
             g = guide(pr, y, t, eps, cond)
-            norms.append(jnp.mean(jnp.sqrt(jnp.sum(g.parts["L_cond"] ** 2, axis=(1, 2, 3)))))
-        return y, jnp.mean(jnp.stack(norms))
+            return jnp.mean(jnp.sqrt(jnp.sum(g.parts["L_cond"] ** 2, axis=(1, 2, 3))))
+
+        return y, jnp.mean(jax.lax.map(norm, jnp.arange(draws)))
 
     return evaluate
 
@@ -308,8 +309,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def on_eval(done: int, params) -> dict:
         ev, outs = eval_metrics(params)
-        if main:
-            rows = [io.to_uint8(np.asarray(prior.decode(heldout))), io.to_uint8(outs)]
+        if main:  # inputs over outputs, 10 to a row
+            ins, outs = io.to_uint8(np.asarray(prior.decode(heldout))), io.to_uint8(outs)
+            rows = [r for i in range(0, len(ins), 10) for r in (ins[i:i + 10], outs[i:i + 10])]
             io.save_png(os.path.join(workdir, f"heldout_{done:06d}.png"), io.grid(rows),
                         scale=max(1, 128 // prior.image_shape[0]))
         return ev

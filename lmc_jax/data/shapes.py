@@ -86,6 +86,13 @@ def class_id(shape: Any, colour: Any) -> Any:
     return colour * len(SHAPES) + shape
 
 
+def indices_of_colour(colour: int, n: int, start: int = 0) -> np.ndarray:
+    """The first `n` example indices at or after block `start` (of 25) whose colour is `colour`,
+    shapes in turn (`class_of`): `25 k + 5 colour + shape` for k = start, start + 1, ..."""
+    k = np.arange(n) // len(SHAPES) + start
+    return k * NUM_CLASSES + colour * len(SHAPES) + np.arange(n) % len(SHAPES)
+
+
 def pattern_of(index: np.ndarray | int, patterned: bool) -> Any:
     """The pattern id of example `index`: `(index // 25) mod 4` in the patterned world (each
     block of 25 examples has one pattern, so (shape, colour, pattern) is balanced over every
@@ -304,9 +311,11 @@ def render_example(key: jax.Array, shape: int, colour: jax.Array,
 
 @functools.partial(jax.jit, static_argnames=("resolution", "shape", "patterned"))
 def _render_chunk(key: jax.Array, indices: jax.Array, resolution: int, shape: int,
-                  patterned: bool = False) -> jax.Array:
-    """Renders examples `indices` that all have primitive `shape` (static: one SDF is traced)."""
-    colour = indices % NUM_CLASSES // len(SHAPES)
+                  patterned: bool = False, colour: jax.Array | int = -1) -> jax.Array:
+    """Renders examples `indices` that all have primitive `shape` (static: one SDF is traced),
+    in their own colours, or all in colour `colour` when it is >= 0."""
+    own = indices % NUM_CLASSES // len(SHAPES)
+    colour = jnp.where(jnp.asarray(colour) >= 0, colour, own)
     pattern = indices // NUM_CLASSES % len(PATTERNS) if patterned else jnp.zeros_like(indices)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
     return jax.vmap(render_example, in_axes=(0, None, 0, None, 0))(keys, shape, colour,
@@ -314,9 +323,12 @@ def _render_chunk(key: jax.Array, indices: jax.Array, resolution: int, shape: in
 
 
 def render(seed: int, split: str, indices: Sequence[int] | np.ndarray,
-           resolution: int = 32, chunk: int = 128, patterned: bool = False) -> np.ndarray:
+           resolution: int = 32, chunk: int = 128, patterned: bool = False,
+           colour: int | None = None) -> np.ndarray:
     """uint8 renders [len(indices), resolution, resolution, 3] of examples `indices` of `split`
-    (of the patterned world: `pattern_of(indices, True)`)."""
+    (of the patterned world: `pattern_of(indices, True)`). With `colour` (an index into
+    `COLOURS`), each example's scene (camera, light, pose, background, albedo jitter) is
+    rendered with that colour's albedo instead of its own: the same object recoloured."""
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
     key = jax.random.fold_in(jax.random.PRNGKey(seed), SPLITS[split])
@@ -330,7 +342,7 @@ def render(seed: int, split: str, indices: Sequence[int] | np.ndarray,
             idx = indices[pos]
             padded = np.concatenate([idx, np.repeat(idx[-1:], chunk - len(idx))])
             images = np.asarray(_render_chunk(key, jnp.asarray(padded, jnp.int32), resolution, s,
-                                              patterned))
+                                              patterned, -1 if colour is None else int(colour)))
             out[pos] = np.round(images[:len(idx)] * 255.0).astype(np.uint8)
     return out
 

@@ -117,3 +117,113 @@ def test_evaluation_takes_the_prior_weights_as_an_argument():
     y, norm = evaluate(params, prior.params, x, cond)
     np.testing.assert_allclose(y, x, atol=1e-6)
     assert bool(jnp.isfinite(norm)) and float(norm) > 0
+
+
+def _tiny_config(**data):
+    """configs/i2i.py:tiny at test size: 2 steps, 2 training and 2 held-out renders."""
+    c = load_config(os.path.join(ROOT, "configs", "i2i.py"), "tiny")
+    c.steps, c.batch, c.heldout = 2, 2, 2
+    c.data.num_images = 2
+    c.data.update(data)
+    c.eval_every = c.log_every = c.checkpoint_every = 2
+    c.net.features, c.net.blocks = 8, 1
+    return c
+
+
+def test_tiny_preset_trains_two_steps_and_scores_held_out_renders(tmp_path):
+    """configs/i2i.py:tiny runs (LMC-SDS on the embedded prior, red renders -> "a blue
+    {shape}") and writes its outputs; its held-out renders are other scenes than the training
+    renders, and its figures are the shipped evaluator's on exactly those renders."""
+    import json
+
+    import numpy as np
+
+    from lmc_jax.apps import i2i_shapes
+    from lmc_jax.priors.factory import build_prior
+
+    c = _tiny_config()
+    m = i2i.run(c, str(tmp_path))
+    for name in ("metrics.json", "heldout.npz", "heldout_000002.png"):
+        assert (tmp_path / name).exists(), name
+    assert Checkpointer(str(tmp_path)).steps()[-1] == 2
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["settings"] == {"method": "lmc", "w": 7.5, "weighting": "sigma2",
+                                 "t_min": 20, "t_max": 980}
+    # The untrained f_theta is the identity: red objects of the right shape, no change.
+    assert m["heldout_target_colour_before"] == 0.0 and m["heldout_shape_kept_before"] == 1.0
+    assert m["heldout_rms_to_input_before"] == 0.0
+    assert m["heldout_lpips_to_input"].startswith("unavailable")  # no weights given
+    assert m["reference_recoloured_target_colour"] == 1.0  # the evaluator reads blue renders
+    for k in ("target_colour", "shape_kept", "both", "rms_to_input", "rms_to_recoloured"):
+        assert np.isfinite(m[f"heldout_{k}"]), k
+
+    # Held out: another split than training (so other scenes), and not one training image.
+    splits = i2i_shapes.split_indices(c)
+    assert splits["train"][0] == "train" and splits["heldout"][0] == "eval_test"
+    prior = build_prior(c.prior)
+    train_x, train_shapes = i2i_shapes.training_set(c, prior)
+    with np.load(tmp_path / "heldout.npz") as f:
+        held = {k: f[k] for k in f.files}
+    assert not any(np.array_equal(h, t) for h in held["inputs"] for t in train_x)
+    np.testing.assert_array_equal(held["inputs"], i2i_shapes.heldout_set(c, prior)["pixels"])
+    np.testing.assert_array_equal(held["shape"], train_shapes)  # shapes in turn: 0, 1
+    # The reference is the same scene in blue: same background, another object colour.
+    np.testing.assert_array_equal(held["recoloured"][:, 0, 0], held["inputs"][:, 0, 0])
+    assert not np.array_equal(held["recoloured"], held["inputs"])
+
+
+def test_heldout_renders_skip_the_training_examples_in_one_split():
+    """With training and held-out renders from the same split, the held-out examples start past
+    every training example (no index in both)."""
+    from lmc_jax.apps import i2i_shapes
+    from lmc_jax.data import shapes
+
+    c = load_config(os.path.join(ROOT, "configs", "i2i.py"), "tiny")
+    c.data.heldout_split = c.data.split
+    s = i2i_shapes.split_indices(c)
+    train, held = set(s["train"][1].tolist()), set(s["heldout"][1].tolist())
+    assert len(train) == c.data.num_images and len(held) == c.heldout and not train & held
+    for idx in (s["train"][1], s["heldout"][1]):  # every one red, shapes in turn
+        assert set(shapes.class_of(idx)[1].tolist()) == {0}
+        assert list(shapes.class_of(idx)[0][:5]) == [0, 1, 2, 3, 4]
+
+
+def test_shape_prompts_and_dds_source_per_image():
+    """`{shape}` prompts give each image its own primitive's embedding, for the target and (DDS)
+    the source prompt; a fixed-prompt source refuses them."""
+    import numpy as np
+
+    from lmc_jax.config import guidance_config
+    from lmc_jax.guidance.from_config import guidance_record
+    from lmc_jax.priors.factory import build_prior
+
+    c = load_config(os.path.join(ROOT, "configs", "i2i.py"), "tiny")
+    prior = build_prior(c.prior)
+    guide = guidance_record(prior, guidance_config("dds", w=6.5))
+    cond = i2i.conditioning_of(prior, c.prompt, guide, c.source_prompt)(3, np.array([1, 4, 1]))
+    np.testing.assert_array_equal(cond.c, prior.embed_text(["a blue cube", "a blue cylinder",
+                                                            "a blue cube"]))
+    np.testing.assert_array_equal(cond.src, prior.embed_text(["a red cube", "a red cylinder",
+                                                              "a red cube"]))
+    with pytest.raises(UserError, match="renders"):
+        i2i.conditioning_of(prior, c.prompt, guide, c.source_prompt)(3)
+    with pytest.raises(UserError, match="source prompt"):
+        i2i.conditioning_of(prior, c.prompt, guide, "")
+
+
+def test_dds_takes_each_input_as_its_source(tmp_path):
+    """DDS in i2i: the source image is the batch's own input. With the source prompt as the
+    target prompt, the untrained f_theta (the identity) gets a zero gradient (same image, same
+    noise, same prompt on both branches) and stays the identity; toward "blue" it learns."""
+    c = _config()
+    c.steps, c.eval_every, c.log_every, c.checkpoint_every = 30, 30, 10, 30
+    c.guidance.method = "dds"
+    c.prompt = c.source_prompt = "red"
+    same = i2i.run(c, str(tmp_path / "same"))
+    # zero up to rounding (the two branches are different rows of one batched call)
+    assert same["heldout_L_cond"] < 1e-5 and same["L_proj_grad_norm"] < 1e-5, same
+    assert same["identity"] < 1e-10, same
+    c.prompt = "blue"
+    m = i2i.run(c, str(tmp_path / "blue"))
+    assert m["settings"]["method"] == "dds"
+    assert m["heldout_target_acc_before"] == 0.0 and m["heldout_target_acc"] == 1.0, m

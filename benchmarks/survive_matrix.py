@@ -1,6 +1,6 @@
 """Bad inputs and random kills on text-to-3D `:tiny`: one row per case, then the counts.
 
-    python benchmarks/survive_matrix.py [--kills 20] [--seed 0] [--only matrix|kills]
+    python benchmarks/survive_matrix.py [--kills 20] [--seed 0] [--only matrix|caches|kills]
                                         [--case 'disk full'] [--json out.json]
 
 Every case runs `python -m lmc_jax.main --config=configs/t23d.py:tiny` (tiny sizes, see
@@ -10,6 +10,16 @@ The bad-input matrix: each case must end with exit status 2 and one `error:` lin
 stderr line (no traceback), and must leave the workdir as it was (byte for byte, or absent when
 it did not exist). Full disks are injected by a `sitecustomize` that makes Orbax's save (and
 then the TensorBoard writer's close) raise ENOSPC, since a real full disk cannot be made here.
+
+The damaged caches (`--only caches`; `--case` filters them too): a cache entry made by a first
+run (an automatic b_psi of a small recipe for t23d `:tiny`; Stable Diffusion weights converted
+from a tiny PyTorch-format folder for `configs/synth.py`) is damaged (weights truncated, the
+metadata file removed with its folder left, the metadata garbage) and the run started again in
+the same cache: it must exit 0 with one warning line naming the `<key>.damaged-<time>` folder it
+set aside (kept as it was) and leave an intact entry. Where the damaged entry cannot be moved
+aside (a `sitecustomize` refuses the rename): b_psi, exit 2 and one `error:` line that names
+the folder to delete; converted weights, exit 0, converted again uncached, one warning naming
+it. Two runs started at once on an empty cache must train b_psi once.
 
 The kill loop: one workdir, the same command started again and again; each start is stopped
 by SIGTERM or SIGKILL at a random time, some during startup (before the first step), some
@@ -32,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from lmc_jax import workdir as lmc_workdir
 
@@ -56,6 +67,13 @@ if _step:
     def _close(self):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     tensorboardX.SummaryWriter.close = _close
+if os.environ.get("SURVIVE_NO_SET_ASIDE"):  # a cache whose damaged entries cannot be moved
+    _rename = os.rename
+    def _refuse(src, dst, *a, **k):
+        if ".damaged-" in os.fspath(dst):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return _rename(src, dst, *a, **k)
+    os.rename = _refuse
 '''
 
 
@@ -258,6 +276,120 @@ def matrix(b: Bench, only: str = "") -> None:
           one_line=True, unchanged=True, ok=p.returncode == 0, line=_last_line(p.stdout))
 
 
+# --- damaged cache entries ----------------------------------------------------------------
+
+BIAS_RECIPE = {"steps": 2, "guidance.bias_path": "", "guidance.bias_auto_steps": 20,
+               "guidance.bias_auto_samples": 32, "guidance.bias_auto_ddim_steps": 4}
+
+
+def _truncate(path: str) -> None:
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _cache_entry(cache: str, kind: str) -> str:
+    """The b_psi entry of `cache` (kind 'bias'), or its converted UNet (kind 'flax')."""
+    root = os.path.join(cache, kind)
+    for name in sorted(os.listdir(root)):
+        entry = os.path.join(root, name)
+        if "." in name:  # a lock, a temporary or a set-aside folder
+            continue
+        if kind == "bias" or json.load(open(os.path.join(entry, "source.json")))[
+                "folder"].endswith("unet"):
+            return entry
+    raise AssertionError(f"no {kind} entry in {cache}")
+
+
+def caches(b: Bench, only: str = "") -> None:
+    from lmc_jax.cache import entry_problem
+
+    tmp = b.tmp
+    pt = os.path.join(tmp, "tiny_sd_pytorch")
+
+    def command(kind: str, wd: str) -> list[str]:
+        if kind == "bias":
+            return _args(wd, **BIAS_RECIPE)
+        return [sys.executable, "-m", "lmc_jax.main", "--config=configs/synth.py",
+                f"--workdir={wd}", f"--config.prior.path={pt}", "--config.prior.resolution=64",
+                "--config.steps=1"]
+
+    good: dict[str, str] = {}
+
+    def cache_copy(kind: str, name: str) -> str:
+        """A copy of a cache that a first run filled (made once per kind)."""
+        if kind not in good:
+            if kind == "flax":
+                made = b.run([sys.executable, "-c", "import sys; from lmc_jax.priors import "
+                              "sd_tiny; sd_tiny.save_tiny_pytorch_pipeline(sys.argv[1])", pt])
+                assert made.returncode == 0, made.stderr[-3000:]
+            good[kind] = os.path.join(tmp, f"cache_{kind}_first")
+            first = b.run(command(kind, os.path.join(tmp, f"first_{kind}")),
+                          LMC_JAX_CACHE=good[kind])
+            assert first.returncode == 0, first.stderr[-3000:]
+        cache = os.path.join(tmp, name)
+        shutil.copytree(good[kind], cache)
+        return cache
+
+    meta = {"bias": "bias.json", "flax": "source.json"}
+    weights = {"bias": "params.msgpack", "flax": "flax.safetensors"}
+    damages = {
+        "weights truncated": lambda e, k: _truncate(os.path.join(e, weights[k])),
+        "metadata removed, folder left": lambda e, k: os.remove(os.path.join(e, meta[k])),
+        "garbage metadata": lambda e, k: Path(e, meta[k]).write_bytes(os.urandom(64)),
+    }
+    what = {"bias": "b_psi cache", "flax": "converted weights"}
+    cases = [(f"{what[k]}: {d}", k, d, {}) for k in ("bias", "flax") for d in damages]
+    cases += [(f"{what[k]}: damaged and cannot be moved aside", k, "weights truncated",
+               {"SURVIVE_NO_SET_ASIDE": "1"}) for k in ("bias", "flax")]
+    for name, kind, damage, env in cases:
+        if only not in name:
+            continue
+        slug = name.replace(" ", "_").replace(":", "").replace(",", "")
+        cache = cache_copy(kind, slug)
+        entry = _cache_entry(cache, kind)
+        damages[damage](entry, kind)
+        before = sorted(os.listdir(entry))
+        p = b.run(command(kind, os.path.join(tmp, slug + "_run")), LMC_JAX_CACHE=cache, **env)
+        out = p.stdout + p.stderr
+        warns = [ln for ln in p.stderr.splitlines() if ln.startswith("WARNING")]
+        aside = [n for n in os.listdir(os.path.dirname(entry))
+                 if n.startswith(os.path.basename(entry) + ".damaged-")]
+        clean = "Traceback" not in out
+        if not env:  # set aside, kept as it was, rebuilt, one warning naming it
+            kept = len(aside) == 1 and sorted(
+                os.listdir(os.path.join(os.path.dirname(entry), aside[0]))) == before
+            healed = kept and entry_problem(Path(entry), Path(cache)) is None
+            line = warns[0] if warns else _last_line(p.stderr)
+            ok = (p.returncode == 0 and clean and len(warns) == 1 and healed
+                  and aside[0] in line)
+        elif kind == "bias":  # one error line naming the folder to delete
+            line = _last_line(p.stderr)
+            healed = False
+            ok = (p.returncode == 2 and clean and line.startswith("error: ")
+                  and f"delete the folder {entry}" in line)
+        else:  # converted again without the cache, one warning naming the folder
+            line = warns[0] if warns else _last_line(p.stderr)
+            healed = False
+            ok = (p.returncode == 0 and clean and len(warns) == 1
+                  and f"delete the folder {entry}" in line)
+        b.row(kind="cache", case=name, exit=p.returncode, warnings=len(warns),
+              traceback=not clean, healed=healed, ok=ok, line=line)
+    name = "b_psi cache: two runs at once on an empty cache"
+    if only not in name:
+        return
+    cache = os.path.join(tmp, "cache_at_once")
+    procs = [subprocess.Popen(command("bias", os.path.join(tmp, f"at_once_{i}")), cwd=ROOT,
+                              env={**b.env, "LMC_JAX_CACHE": cache}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [proc.communicate(timeout=1800) for proc in procs]
+    trained = sum(out.count("training one on") for out, _ in outs)
+    reused = sum(out.count("reusing") for out, _ in outs)
+    clean = not any("Traceback" in err for _, err in outs)
+    codes = [proc.returncode for proc in procs]
+    b.row(kind="cache", case=name, exit=max(codes), warnings=0, traceback=not clean,
+          healed=trained == 1 and reused == 1, ok=codes == [0, 0] and clean and trained == 1,
+          line=f"trained {trained}x, reused {reused}x")
+
+
 # --- the kill loop ------------------------------------------------------------------------
 
 def _wait_for(proc: subprocess.Popen, cond, deadline: float) -> bool:
@@ -326,8 +458,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", choices=["matrix", "kills"], default=None)
-    ap.add_argument("--case", default="", help="only the matrix cases whose name has this")
+    ap.add_argument("--only", choices=["matrix", "caches", "kills"], default=None)
+    ap.add_argument("--case", default="", help="only the matrix and cache cases whose name "
+                    "has this")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     t0 = time.time()
@@ -335,13 +468,18 @@ def main() -> None:
         b = Bench(tmp)
         if args.only in (None, "matrix"):
             matrix(b, args.case)
+        if args.only in (None, "caches"):
+            caches(b, args.case)
         if args.only in (None, "kills"):
             kills(b, args.kills, random.Random(args.seed))
     inputs = [r for r in b.rows if r["kind"] == "input"]
+    cached = [r for r in b.rows if r["kind"] == "cache"]
     killed = [r for r in b.rows if r["kind"] == "kill"]
     final = [r for r in b.rows if r["kind"] == "final"]
     print(f"\nbad inputs: {sum(r['ok'] for r in inputs)}/{len(inputs)} one error line, exit 2, "
           "folder unchanged")
+    print(f"damaged caches: {sum(r['ok'] for r in cached)}/{len(cached)} set aside and rebuilt "
+          "with one warning line (or one error line), no traceback")
     print(f"kills: {sum(r['ok'] for r in killed)}/{len(killed)} exit 143 (TERM) / -9 (KILL), "
           f"no traceback, <= {EVERY} steps lost; "
           f"{sum(r['hit'] for r in killed)} hit their moment")

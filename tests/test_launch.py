@@ -163,15 +163,18 @@ TINY_FLAGS = ["--config.steps=2", "--config.render.size=16", "--config.render.nu
               "--config.output.texture_size=64", "--config.output.grid_every=2",
               "--config.log_every=1", "--config.checkpoint_every=2"]
 OUTPUTS = ("config.json", "metrics.json", "video.mp4", "views.png", "mesh.glb", "report.html")
+# The scripts' jobs: their default app (text-to-3D) on the exact Gaussian-mixture prior, whose
+# step compiles in less than half the time of :tiny's (the notebook runs :tiny).
+SCRIPT_CONFIG = "configs/t23d.py:mixture"
 
 
-def _outputs_of_a_2_step_run(workdir: Path) -> None:
+def _outputs_of_a_2_step_run(workdir: Path, prior: str) -> None:
     missing = [f for f in OUTPUTS if not (workdir / f).is_file()]
     assert not missing, (missing, sorted(os.listdir(workdir)))
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert metrics["steps"] == 2, metrics
     config = json.loads((workdir / "config.json").read_text())
-    assert config["prior"]["name"] == "embedded" and config["steps"] == 2
+    assert config["prior"]["name"] == prior and config["steps"] == 2
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +235,7 @@ def test_the_colab_notebook_runs_top_to_bottom_on_a_cpu(tmp_path, run_env, monke
     assert " cpu [" in cells["jax"][0], cells["jax"][0]
     assert "outputs in" in cells["demo"][0], cells["demo"][0][-3000:]
     workdir = drive / "t23d-tiny-a-green-torus"
-    _outputs_of_a_2_step_run(workdir)
+    _outputs_of_a_2_step_run(workdir, "embedded")
     text, shown = cells["show"]
     assert "eval_accuracy" in text and "video.mp4" in text, text
     assert any("<video" in o.data.get("text/html", "") for o in shown), shown
@@ -284,7 +287,7 @@ def test_tpu_vm_sh_runs_the_job_on_a_one_worker_tpu(tmp_path, run_env):
     """launch/tpu_vm.sh end to end against a fake gcloud whose "TPU VM" is this machine: the
     queued resource is created, this checkout is copied (tar) and unpacked in the remote home,
     the install command runs (its pip records what it would install), ~/lmc_run.sh runs the job
-    (`python -m lmc_jax.main` on configs/t23d.py:tiny, 2 steps) from the unpacked copy, the
+    (`python -m lmc_jax.main`, text-to-3D for 2 steps) from the unpacked copy, the
     script sees exit status 0, fetches the outputs and deletes the TPU."""
     home = tmp_path / "cloud" / "home"
     venv_bin = home / "lmc_venv" / "bin"
@@ -298,7 +301,7 @@ def test_tpu_vm_sh_runs_the_job_on_a_one_worker_tpu(tmp_path, run_env):
     env = _fake_gcloud(tmp_path, vm_env=run_env, execute=True)
     out = tmp_path / "out"
     out.mkdir()
-    env.update(CONFIG="configs/t23d.py:tiny", RUN_NAME="tiny", EXTRA_ARGS=shlex.join(TINY_FLAGS),
+    env.update(CONFIG=SCRIPT_CONFIG, RUN_NAME="tiny", EXTRA_ARGS=shlex.join(TINY_FLAGS),
                POLL_SECONDS="1", WAIT_SECONDS="0", OUT_DIR=str(out))
     try:
         proc = _bash("tpu_vm.sh", env=env)
@@ -314,16 +317,18 @@ def test_tpu_vm_sh_runs_the_job_on_a_one_worker_tpu(tmp_path, run_env):
     assert {"--accelerator-type=v5litepod-8", "--runtime-version=v2-alpha-tpuv5-lite", "--spot",
             "--node-id=lmc-jax-tpu", "--zone=us-central1-a"} <= set(create), create
     assert all(c[:2] == ["--quiet", "--project=test-project"] for c in calls[1:]), calls
-    assert (home / "lmc_jax" / "configs" / "t23d.py").is_file()
-    assert not (home / "lmc_jax" / ".git").exists()
+    shipped = home / "lmc_jax"
+    assert (shipped / "configs" / "t23d.py").is_file()
+    assert (shipped / "lmc_jax" / "assets" / "embedded_prior" / "bias").is_dir()
+    assert not (shipped / ".git").exists() and not (shipped / "runs").exists()
     assert (home / "pip.log").read_text().splitlines()[-1] == (
         f"install -q -e ./lmc_jax jax[tpu]=={JAX_PIN}")
 
     argv = _main_argv((home / "lmc_run.sh").read_text())
-    assert argv == ["python", "-m", "lmc_jax.main", "--config=configs/t23d.py:tiny",
+    assert argv == ["python", "-m", "lmc_jax.main", f"--config={SCRIPT_CONFIG}",
                     "--workdir=../runs/tiny", *TINY_FLAGS], argv
     assert (home / "lmc_run.rc").read_text().strip() == "0"
-    _outputs_of_a_2_step_run(home / "runs" / "tiny")
+    _outputs_of_a_2_step_run(home / "runs" / "tiny", "gaussian_mixture")
     with tarfile.open(out / "tiny-out.tar.gz") as tar:
         assert "tiny/metrics.json" in tar.getnames()
     assert _called(calls, "queued-resources", "delete")
@@ -338,7 +343,7 @@ def test_tpu_vm_sh_on_a_multi_host_slice_starts_every_worker_distributed(tmp_pat
     worker's job is the single-host command above with LMC_JAX_DISTRIBUTED=1 and the workdir in
     the bucket."""
     env = _fake_gcloud(tmp_path, workers=2)
-    env.update(CONFIG="configs/t23d.py:tiny", RUN_NAME="big", EXTRA_ARGS=shlex.join(TINY_FLAGS),
+    env.update(CONFIG=SCRIPT_CONFIG, RUN_NAME="big", EXTRA_ARGS=shlex.join(TINY_FLAGS),
                ACCELERATOR="v4-16", RUNTIME="tpu-ubuntu2204-base", USE_QUEUED_RESOURCE="0",
                SPOT="0", GCS_BUCKET="my-bucket", REPO_URL="https://example.com/lmc_jax.git",
                POLL_SECONDS="0", WAIT_SECONDS="0")
@@ -358,7 +363,7 @@ def test_tpu_vm_sh_on_a_multi_host_slice_starts_every_worker_distributed(tmp_pat
     assert "job on 2 worker(s): env LMC_JAX_DISTRIBUTED=1 python -m lmc_jax.main" in proc.stderr
     logged = proc.stderr.split("job on 2 worker(s): ", 1)[1].splitlines()[0].split()
     assert logged == ["env", "LMC_JAX_DISTRIBUTED=1", "python", "-m", "lmc_jax.main",
-                      "--config=configs/t23d.py:tiny", "--workdir=../gcs/big", *TINY_FLAGS]
+                      f"--config={SCRIPT_CONFIG}", "--workdir=../gcs/big", *TINY_FLAGS]
     assert "without GCS_BUCKET" not in proc.stderr
     assert _called(calls, "tpu-vm", "delete")  # done, outputs in the bucket: TPU deleted
 
@@ -367,7 +372,7 @@ def test_tpu_vm_sh_on_a_multi_host_slice_starts_every_worker_distributed(tmp_pat
 def test_gpu_sh_gce_boots_a_vm_whose_startup_script_runs_the_job(tmp_path, run_env):
     """launch/gpu.sh gce against a fake gcloud whose VM is this machine: the spot VM is created
     with this script as its startup script, which (on "boot") runs `launch/gpu.sh host` from the
-    VM's copy of the code: the job (configs/t23d.py:tiny, 2 steps) in its retry loop, to
+    VM's copy of the code: the job (text-to-3D, 2 steps) in its retry loop, to
     `.lmc_done`; gce mode then sees the job done and stops the VM."""
     assert jax.__version__ == JAX_PIN  # the VM's venv is this one: nothing to pip-install
     remote_dir = tmp_path / "opt" / "lmc_jax"  # the VM's clone of the code: this checkout
@@ -376,7 +381,7 @@ def test_gpu_sh_gce_boots_a_vm_whose_startup_script_runs_the_job(tmp_path, run_e
     workdir, log = tmp_path / "gpu_run", tmp_path / "lmc_jax.log"
     env = _fake_gcloud(tmp_path, execute=True,
                        vm_env={**run_env, "VENV": sys.prefix, "REQUIRE_GPU": "0"})
-    env.update(CONFIG="configs/t23d.py:tiny", WORKDIR=str(workdir), REPO_URL=str(ROOT),
+    env.update(CONFIG=SCRIPT_CONFIG, WORKDIR=str(workdir), REPO_URL=str(ROOT),
                EXTRA_ARGS=shlex.join(TINY_FLAGS), REMOTE_DIR=str(remote_dir),
                REMOTE_LOG=str(log), POLL_SECONDS="0")
     proc = _bash("gpu.sh", "gce", env=env)
@@ -390,9 +395,9 @@ def test_gpu_sh_gce_boots_a_vm_whose_startup_script_runs_the_job(tmp_path, run_e
     assert f"git clone {ROOT} {remote_dir}" in startup
     assert (tmp_path / "cloud" / "startup.rc").read_text() == "0", log.read_text()[-3000:]
     text = log.read_text()
-    assert "run 1: configs/t23d.py:tiny" in text and "done; outputs in" in text, text[-3000:]
+    assert f"run 1: {SCRIPT_CONFIG}" in text and "done; outputs in" in text, text[-3000:]
     assert (workdir / ".lmc_done").is_file()
-    _outputs_of_a_2_step_run(workdir)
+    _outputs_of_a_2_step_run(workdir, "gaussian_mixture")
     assert _called(calls, "compute", "ssh", f"--command=sudo test -f {workdir}/.lmc_done")
     assert calls[-1][2:5] == ["compute", "instances", "stop"], calls[-1]
 

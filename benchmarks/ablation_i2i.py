@@ -18,7 +18,9 @@ Each trained f_theta maps 50 held-out red renders (the 'eval_test' split: scenes
 paired answer, never trained on); LPIPS-VGG to the input with `--lpips FILE` (its weights do not
 ship; without them the JSON says 'unavailable'). Two reference rows are scored the same way:
 `identity` (f = id: the inputs) and `recoloured` (the blue renders themselves). Cells: mean over
-the seeds +- half their gap (std, ddof 0).
+the seeds +- half their gap (std, ddof 0). The JSON also holds each run's held-out figures at
+every `eval_every` step (`trajectory`, from the run's metrics.jsonl): recorded, never used to pick
+a step. Rerun with the same `--workdir` to re-score finished runs without training them again.
 
     python benchmarks/ablation_i2i.py [--quick] [--seeds 0 1] [--rows lmc sds dds sds_low]
         [--lpips FILE] [--json PATH] [--figure PATH]
@@ -44,6 +46,7 @@ if __name__ == "__main__":
 
 import argparse
 import faulthandler
+import json
 import os
 import tempfile
 import time
@@ -84,13 +87,29 @@ def train_row(method: str, overrides: dict, seed: int, quick: bool, lpips: str,
     from lmc_jax.apps import i2i
 
     start = time.time()
+    timing = os.path.join(workdir, "bench_seconds.json")  # the training run's, kept on re-scoring
+    trained = os.path.exists(timing)
     metrics = i2i.run(row_config(method, overrides, seed, quick, lpips), workdir)
+    seconds = time.time() - start
+    if trained:
+        with open(timing) as f:
+            seconds = json.load(f)["seconds"]
+    else:
+        with open(timing, "w") as f:
+            json.dump({"seconds": seconds}, f)
     with np.load(os.path.join(workdir, "heldout.npz")) as f:
         saved = {k: f[k] for k in f.files}
+    trajectory = {}  # the held-out figures at every eval_every step (metrics.jsonl)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "heldout_both" in rec:
+                trajectory[str(rec["step"])] = {k: rec[f"heldout_{k}"] for k in FIGURES[:5]}
     return {"figures": {k: metrics[f"heldout_{k}"] for k in FIGURES},
             "identity": {k: metrics[f"heldout_{k}_before"] for k in FIGURES},
             "recoloured": {k: metrics.get(f"reference_recoloured_{k}") for k in FIGURES},
-            "settings": metrics["settings"], "seconds": time.time() - start,
+            "settings": metrics["settings"], "seconds": seconds,
+            "trajectory": trajectory,
             "train_metrics": {k: metrics[k] for k in metrics
                               if isinstance(metrics[k], float) and not k.startswith(
                                   ("heldout_", "reference_"))},

@@ -9,7 +9,18 @@ its loss is the guidance gradient toward `prompt` plus `identity_weight * ||f(x)
 (keeps the structure). Held-out images get before/after grids and figures in metrics.json.
 
 Presets: default = Stable Diffusion + a folder of images; `:mixture` (exact Gaussian mixture:
-turns red samples blue, ~1 minute on 2 CPU cores).
+turns red samples blue, ~1 minute on 2 CPU cores); `:tiny` (the embedded prior, offline:
+"a red X" -> "a blue X"):
+
+    python -m lmc_jax.main --config=configs/i2i.py:tiny --workdir=runs/i2i-tiny
+
+trains f_theta on 200 renders of red objects (the 'train' split of lmc_jax.data.shapes) toward
+"a blue {shape}" (each render's own primitive), LMC-SDS with the shipped b_psi, 300 steps, no
+target images; it scores 50 held-out red renders of the 'eval_test' split with the shipped
+evaluator (lmc_jax.apps.i2i_shapes) and writes heldout_*.png, heldout.npz and metrics.json.
+Measured: 390 s on 2 CPU cores shared with other jobs (load average 13-17), renders, compiles
+and held-out scoring included. `--config.guidance.method=sds` or `=dds` runs a baseline at its
+own settings (`per_method`); benchmarks/ablation_i2i.py compares them.
 
 Parallelism: each batch is split over all devices (`batch` must be a multiple of their number
 divided by `parallel.model_axis`); `--config.parallel.model_axis=M` splits the prior's large

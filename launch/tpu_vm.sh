@@ -142,8 +142,9 @@ else git clone $REPO_URL $REMOTE_REPO; fi" || return 1
   else
     local tarball
     tarball="$(mktemp -d)/lmc_jax.tar.gz"
-    tar -czf "$tarball" --exclude=.git --exclude=runs --exclude=.venv --exclude=venv \
-      --exclude='*.egg-info' --exclude=__pycache__ . || return 1
+    tar -czf "$tarball" --exclude=.git --exclude=runs --exclude='.venv*' --exclude=venv \
+      --exclude='*.egg-info' --exclude=__pycache__ --exclude=.pytest_cache \
+      --exclude=.ruff_cache . || return 1
     gc compute tpus tpu-vm scp "$tarball" "$TPU_NAME":lmc_jax.tar.gz --zone="$ZONE" \
       --worker=all || return 1
     tpu_ssh all "mkdir -p $REMOTE_REPO && tar -xzf lmc_jax.tar.gz -C $REMOTE_REPO" || return 1

@@ -7,7 +7,8 @@
 # From a workstation with gcloud, on a Google Cloud spot VM:
 #   REPO_URL=https://github.com/you/lmc_jax.git launch/gpu.sh gce
 #                                 # creates the VM with this script as its startup script,
-#                                 # restarts the VM after each preemption, stops when done
+#                                 # restarts the VM after each preemption, stops it when the
+#                                 # job is done (.lmc_done) or failed (.lmc_failed in WORKDIR)
 #   launch/gpu.sh gce-status | gce-logs | gce-delete
 #
 # Settings (environment variables; defaults below). Resume is automatic: lmc_jax restores the
@@ -85,6 +86,7 @@ run_host() {
   local extra=() attempt=0 rc
   eval "extra=($EXTRA_ARGS)"
   mkdir -p "$WORKDIR"
+  rm -f "$WORKDIR/.lmc_failed"
   while true; do
     attempt=$((attempt + 1))
     log "run $attempt: $CONFIG -> $WORKDIR"
@@ -94,12 +96,12 @@ run_host() {
     set -e
     case "$rc" in
       0) log "done; outputs in $WORKDIR"; touch "$WORKDIR/.lmc_done"; return 0 ;;
-      2) log "bad input (exit 2): not retrying"; return 2 ;;
+      2) log "bad input (exit 2): not retrying"; echo 2 > "$WORKDIR/.lmc_failed"; return 2 ;;
       143|137) log "stopped by a signal (exit $rc; preemption?)" ;;
       *) log "failed with exit status $rc" ;;
     esac
     if (( attempt > MAX_RETRIES )); then
-      log "giving up after $attempt runs"; return "$rc"
+      log "giving up after $attempt runs"; echo "$rc" > "$WORKDIR/.lmc_failed"; return "$rc"
     fi
     sleep "$RETRY_SLEEP"  # a preempted host is usually gone before this ends
   done
@@ -161,8 +163,8 @@ run_gce() {
     exit 2
   fi
   need_gcloud
-  local status done_file
-  done_file="$(workdir_on_vm)/.lmc_done"
+  local status job wd
+  wd="$(printf %q "$(workdir_on_vm)")"
   while true; do
     status="$(vm_status)"
     case "$status" in
@@ -170,16 +172,26 @@ run_gce() {
       TERMINATED|STOPPED|SUSPENDED)
         log "VM $status (preempted?): starting it again; the run resumes from its workdir"
         gc compute instances start "$VM_NAME" --zone="$ZONE" || log "start failed: retrying" ;;
-      RUNNING)
-        if vm_ssh "sudo test -f $done_file" 2>/dev/null; then
-          log "job finished; outputs in $VM_NAME:$(workdir_on_vm)"
-          if [[ "$DELETE_WHEN_DONE" == 1 ]]; then
-            gc compute instances delete "$VM_NAME" --zone="$ZONE"
-          else
+      RUNNING)  # the job's state: host mode leaves .lmc_done or .lmc_failed in its workdir
+        job="$(vm_ssh "if sudo test -f $wd/.lmc_done; then echo DONE; \
+elif sudo test -f $wd/.lmc_failed; then echo FAILED; else echo RUNNING; fi" 2>/dev/null)" \
+          || job=UNREACHABLE
+        case "$job" in
+          *DONE)
+            log "job finished; outputs in $VM_NAME:$(workdir_on_vm)"
+            if [[ "$DELETE_WHEN_DONE" == 1 ]]; then
+              gc compute instances delete "$VM_NAME" --zone="$ZONE"
+            else
+              gc compute instances stop "$VM_NAME" --zone="$ZONE"
+            fi
+            return 0 ;;
+          *FAILED)
+            log "job failed; last lines of its log ($REMOTE_LOG on the VM):"
+            vm_ssh "sudo tail -n 30 $(printf %q "$REMOTE_LOG")" || true
+            log "stopping $VM_NAME (its disk keeps the workdir)"
             gc compute instances stop "$VM_NAME" --zone="$ZONE"
-          fi
-          return 0
-        fi ;;
+            return 1 ;;
+        esac ;;
       *) log "VM $status: waiting" ;;
     esac
     sleep "$POLL_SECONDS"

@@ -388,10 +388,11 @@ def test_gpu_sh_gce_boots_a_vm_whose_startup_script_runs_the_job(tmp_path, run_e
     remote_dir.symlink_to(ROOT, target_is_directory=True)
     workdir, log = tmp_path / "gpu_run", tmp_path / "lmc_jax.log"
     env = _fake_gcloud(tmp_path, execute=True,
-                       vm_env={**run_env, "VENV": sys.prefix, "REQUIRE_GPU": "0"})
+                       vm_env={**run_env, "VENV": sys.prefix, "REQUIRE_GPU": "0",
+                               "RETRY_SLEEP": "0"})
     env.update(CONFIG=SCRIPT_CONFIG, WORKDIR=str(workdir), REPO_URL=str(ROOT),
                EXTRA_ARGS=shlex.join(SCRIPT_FLAGS), REMOTE_DIR=str(remote_dir),
-               REMOTE_LOG=str(log), POLL_SECONDS="0")
+               REMOTE_LOG=str(log), POLL_SECONDS="0", MAX_RETRIES="1")
     proc = _bash("gpu.sh", "gce", env=env)
     assert proc.returncode == 0, (proc.stderr[-3000:], log.read_text()[-3000:]
                                   if log.exists() else "no log")
@@ -404,10 +405,32 @@ def test_gpu_sh_gce_boots_a_vm_whose_startup_script_runs_the_job(tmp_path, run_e
     assert (tmp_path / "cloud" / "startup.rc").read_text() == "0", log.read_text()[-3000:]
     text = log.read_text()
     assert f"run 1: {SCRIPT_CONFIG}" in text and "done; outputs in" in text, text[-3000:]
+    assert "run 2:" not in text and "MAX_RETRIES=1" in startup
     assert (workdir / ".lmc_done").is_file()
     _outputs_of_a_2_step_run(workdir, "synth", "gaussian_mixture", SYNTH_OUTPUTS)
-    assert _called(calls, "compute", "ssh", f"--command=sudo test -f {workdir}/.lmc_done")
+    (ssh,) = _called(calls, "compute", "ssh")
+    assert f"sudo test -f {workdir}/.lmc_done" in ssh[-1], ssh
     assert calls[-1][2:5] == ["compute", "instances", "stop"], calls[-1]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_sh_gce_stops_the_vm_when_the_job_fails(tmp_path):
+    """A job that stops on bad input (exit 2, not retried) leaves .lmc_failed; gce mode shows
+    the end of its log, stops the VM and exits 1 instead of waiting forever."""
+    remote_dir = tmp_path / "lmc_jax"
+    remote_dir.symlink_to(ROOT, target_is_directory=True)
+    workdir, log = tmp_path / "run", tmp_path / "lmc_jax.log"
+    env = _fake_gcloud(tmp_path, execute=True, vm_env={
+        "VENV": sys.prefix, "REQUIRE_GPU": "0", "JAX_PLATFORMS": "cpu", "RETRY_SLEEP": "0"})
+    env.update(CONFIG=SCRIPT_CONFIG, WORKDIR=str(workdir), REPO_URL=str(ROOT),
+               EXTRA_ARGS="--config.no_such_key=1", REMOTE_DIR=str(remote_dir),
+               REMOTE_LOG=str(log), POLL_SECONDS="0")
+    proc = _bash("gpu.sh", "gce", env=env, timeout=300)
+    assert proc.returncode == 1, (proc.stderr[-3000:], log.read_text()[-3000:])
+    assert (workdir / ".lmc_failed").read_text().strip() == "2"
+    assert not (workdir / ".lmc_done").exists()
+    assert "job failed" in proc.stderr and "unknown config key 'no_such_key'" in proc.stdout
+    assert _calls(tmp_path)[-1][2:5] == ["compute", "instances", "stop"]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")

@@ -126,13 +126,18 @@ def _count(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def mesh_summary(metrics: Mapping) -> str:
+# Prompt words for shapes with a through-hole: a genus-0 mesh of such a prompt is said to lack it.
+HOLED_SHAPES = ("torus", "ring", "donut", "doughnut")
+
+
+def mesh_summary(metrics: Mapping, prompt: str = "") -> str:
     """One sentence on the mesh's topology from a run's metrics (`lmc_jax.nerf.export`'s
     `mesh_pieces`, `mesh_watertight`, `mesh_euler`, `mesh_genus`, their `_raw` values before
     the floaters were removed), or '' when the metrics have none.
 
     Holes are stated from the Euler number of the closed mesh alone (`chi = 2P - 2g` over `P`
-    closed pieces): a mesh with genus 0 is said to have no through-hole, whatever the prompt.
+    closed pieces): a mesh with genus 0 is said to have no through-hole, whatever the prompt;
+    when the `prompt` names a shape with one (`HOLED_SHAPES`), the sentence says it is missing.
     """
     pieces = metrics.get("mesh_pieces")
     if metrics.get("no_surface") or not pieces or "mesh_euler" not in metrics:
@@ -150,6 +155,9 @@ def mesh_summary(metrics: Mapping) -> str:
                  f"{_count(int(genus), 'through-hole')}" if genus is not None else "")
         text += f", closed (watertight), Euler number {euler}"
         text += f": {holes} (genus {genus})." if holes else "."
+        named = [w for w in HOLED_SHAPES if re.search(rf"\b{w}\b", prompt.lower())]
+        if genus == 0 and named:
+            text += f" The prompt's {named[0]} has a hole; this mesh has none."
     else:
         text += f", not closed (some edges lack a second face), Euler number {euler}."
     return text
@@ -225,7 +233,7 @@ def write_report(workdir: str, metrics: Mapping, config: Mapping | None = None,
             f'<div class="meta">{html.escape(method_line(config))}</div>']
     body += [f'<div class="warning">{html.escape(w)}</div>' for w in warnings]
     body += ["<h2>3D model</h2>", viewer]
-    summary = mesh_summary(metrics)
+    summary = mesh_summary(metrics, str(prompt))
     if summary:
         body.append(f'<p class="meta">{html.escape(summary)}</p>')
     for name in ("video.mp4", "video.gif"):
@@ -240,7 +248,7 @@ def write_report(workdir: str, metrics: Mapping, config: Mapping | None = None,
     if os.path.exists(os.path.join(workdir, "view_top.png")):
         body += ["<h2>Top view (camera looking down)</h2>",
                  f"<figure>{_img(workdir, 'view_top.png', 'top view')}<figcaption>"
-                 f"{html.escape(summary or 'from straight above the object')}"
+                 "From straight above: a through-hole shows as background in the middle."
                  "</figcaption></figure>"]
     grids = _grids(workdir)
     if grids:

@@ -102,6 +102,10 @@ def test_report_states_the_meshs_topology_and_shows_the_top_view(run_folder, tmp
     assert report.mesh_summary({"mesh_pieces": 2, "mesh_euler": 3,
                                 "mesh_watertight": False}) == (
         "The mesh is 2 pieces, not closed (some edges lack a second face), Euler number 3.")
+    torus = {"mesh_pieces": 1, "mesh_euler": 2, "mesh_watertight": True, "mesh_genus": 0}
+    assert report.mesh_summary(torus, "a green torus").endswith(
+        "no through-hole (genus 0). The prompt's torus has a hole; this mesh has none.")
+    assert "prompt" not in report.mesh_summary(torus, "a red string")  # 'ring' as a word only
     assert report.mesh_summary({"no_surface": True, "mesh_pieces": 0}) == ""
     assert "through-hole" not in report.mesh_summary({"mesh_pieces": 1, "mesh_euler": 2})
 

@@ -229,6 +229,7 @@ def test_the_colab_notebook_runs_top_to_bottom_on_a_cpu(tmp_path, run_env, monke
         "display_name": "lmc_jax test", "language": "python"}))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "jupyter_runtime"))
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
     for key, value in run_env.items():
         monkeypatch.setenv(key, value)
     drive = tmp_path / "drive"

@@ -2,11 +2,14 @@
 
     python -m lmc_jax.main --config=configs/t23d.py --workdir=runs/fox \
         --config.prior.path=/path/to/stable-diffusion-2-1-base \
-        --config.guidance.bias_path=/path/to/b_psi --config.prompt="a DSLR photo of a fox"
+        --config.prompt="a DSLR photo of a fox"
 
 Default preset: Stable Diffusion 2.1-base from `prior.path` (a local diffusers folder or hub
-id), LMC-SDS at w = 7.5 with a b_psi trained by configs/bias.py, 10k steps, 64x64 renders
-upsampled to 512 and VAE-encoded (as threestudio does). Cost of a step, counted by XLA
+id), LMC-SDS at w = 7.5 with the automatic b_psi (trained on the prior's own samples on the
+first run and cached; `guidance.bias_path` names one trained by configs/bias.py instead), 10k
+steps, one view per step on any number of devices (`parallel.model_axis='auto'`; plan a TPU
+slice first with `python -m lmc_jax.plan --config=configs/t23d.py --topology=v5e:2x2`), 64x64
+renders upsampled to 512 and VAE-encoded (as threestudio does). Cost of a step, counted by XLA
 (`python benchmarks/t23d_step.py --compile-only`, bf16): 3.9 TFLOP, of which 1.6 for the UNet on
 the cond+uncond batch of 64x64x4 latents, 2.3 for the VAE encoder's forward and backward at
 512x512 and 0.06 for rendering and the field. Its time on a GPU/TPU has not been measured yet (no

@@ -146,6 +146,24 @@ def test_surface_module_keeps_vertices_inside_their_grid_edges():
     assert t.min() >= surface.EDGE_MARGIN - 1e-4 and t.max() <= 1 - surface.EDGE_MARGIN + 1e-4
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_noise_with_ambiguous_cubes_gives_closed_consistent_pieces(seed):
+    # Uniform noise: many cubes of Lewiner's ambiguous cases, some with a vertex inside the
+    # cube (not on a grid edge), which stays where it is.
+    grid = np.random.default_rng(seed).random((10, 10, 10)).astype(np.float32)
+    padded, bound = surface.closed_grid(grid, 0.5, BOUND)
+    v, f = surface.marching_cubes(padded, 0.5, bound)
+    idx = (v.astype(np.float64) + bound) / (2 * bound / 11)
+    off = np.abs(idx - np.round(idx)) > 1e-3
+    assert (off.sum(1) > 1).any()  # cube-interior vertices are there
+    t = (idx - np.floor(idx))[off.sum(1) == 1]
+    t = t[(t > 1e-3) & (t < 1 - 1e-3)]
+    assert t.min() >= surface.EDGE_MARGIN - 1e-4 and t.max() <= 1 - surface.EDGE_MARGIN + 1e-4
+    fig = cleanup.mesh_figures(v, f)
+    assert fig["watertight"] and fig["winding_consistent"] and fig["outward"], fig
+    assert fig["pieces"] > 1
+
+
 @pytest.fixture(scope="module")
 def torus_files(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("torus")

@@ -79,7 +79,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.prompt = "a blue {shape}"  # {shape}: each render's own primitive
         c.source_prompt = "a red {shape}"  # DDS's source prompt
         c.prior = prior_config("embedded", resolution=32)
-        c.guidance = guidance_config("lmc", w=7.5, bias="learned", bias_path="embedded")
+        # NFSD's negative prompt: the source, as configs/edit.py:tiny (the prior's words only)
+        c.guidance = guidance_config("lmc", w=7.5, bias="learned", bias_path="embedded",
+                                     negative_prompt="a red {shape}")
         # Each method's own guidance settings over `guidance` (as configs/edit.py's): SDS at
         # DreamFusion's w = 100, DDS as its official code (W(t) = 1, t in [50, 949),
         # guidance_scale 7.5 = w 6.5), LMC-SDS at the shared w = 7.5 (docs/baselines.md).

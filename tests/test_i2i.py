@@ -189,8 +189,8 @@ def test_heldout_renders_skip_the_training_examples_in_one_split():
 
 
 def test_shape_prompts_and_dds_source_per_image():
-    """`{shape}` prompts give each image its own primitive's embedding, for the target and (DDS)
-    the source prompt; a fixed-prompt source refuses them."""
+    """`{shape}` prompts give each image its own primitive's embedding, for the target, (DDS)
+    the source and (NFSD) the negative prompt; a fixed-prompt source refuses them."""
     import numpy as np
 
     from lmc_jax.config import guidance_config
@@ -207,6 +207,11 @@ def test_shape_prompts_and_dds_source_per_image():
                                                               "a red cube"]))
     with pytest.raises(UserError, match="renders"):
         i2i.conditioning_of(prior, c.prompt, guide, c.source_prompt)(3)
+    nfsd = guidance_record(prior, guidance_config("nfsd",
+                                                  negative_prompt=c.guidance.negative_prompt))
+    cond = i2i.conditioning_of(prior, c.prompt, nfsd)(2, np.array([0, 2]))
+    np.testing.assert_array_equal(cond.neg, prior.embed_text(["a red sphere", "a red torus"]))
+    assert cond.src is None
     with pytest.raises(UserError, match="source prompt"):
         i2i.conditioning_of(prior, c.prompt, guide, "")
 

@@ -142,19 +142,23 @@ def conditioning(prior: Prior, prompt: str, n: int, negative: str | None = None,
 def conditioning_of(prior: Prior, prompt: str, guide: Guidance, source_prompt: str = ""
                     ) -> Callable[[int, np.ndarray | None], Conditioning]:
     """`cond(n, shapes) -> Conditioning` for `n` images: `conditioning` of the prompts, or with
-    `{shape}` in them one prompt per image naming its primitive (`shapes`: their ids)."""
+    `{shape}` in them (target, DDS's source or NFSD's negative prompt) one prompt per image
+    naming its primitive (`shapes`: their ids)."""
     from lmc_jax.apps.i2i_shapes import SHAPE_SLOT, fill
 
     source = source_prompt if guide.method == "dds" else None
     if guide.method == "dds" and not source:
         raise UserError("DDS needs a source prompt: set --config.source_prompt=...")
-    if SHAPE_SLOT not in prompt + (source or ""):
-        return lambda n, shapes=None: conditioning(prior, prompt, n, guide.negative_prompt,
-                                                   source)
+    negative = guide.negative_prompt
+    if SHAPE_SLOT not in prompt + (source or "") + (negative or ""):
+        return lambda n, shapes=None: conditioning(prior, prompt, n, negative, source)
     from lmc_jax.data.shapes import SHAPES
 
-    table = [conditioning(prior, fill(prompt, s), 1, guide.negative_prompt,
-                          None if source is None else fill(source, s)) for s in range(len(SHAPES))]
+    def filled(text: str | None, s: int) -> str | None:
+        return None if text is None else fill(text, s)
+
+    table = [conditioning(prior, fill(prompt, s), 1, filled(negative, s), filled(source, s))
+             for s in range(len(SHAPES))]
     table = jax.tree.map(lambda *rows: jnp.concatenate(rows), *table)
 
     def cond(n: int, shapes: np.ndarray | None = None) -> Conditioning:

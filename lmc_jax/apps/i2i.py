@@ -150,8 +150,15 @@ def conditioning_of(prior: Prior, prompt: str, guide: Guidance, source_prompt: s
     if guide.method == "dds" and not source:
         raise UserError("DDS needs a source prompt: set --config.source_prompt=...")
     negative = guide.negative_prompt
-    if SHAPE_SLOT not in prompt + (source or "") + (negative or ""):
-        return lambda n, shapes=None: conditioning(prior, prompt, n, negative, source)
+    if SHAPE_SLOT not in prompt + (source or "") + (negative or ""):  # one set per batch size
+        made: dict[int, Conditioning] = {}
+
+        def same(n: int, shapes: np.ndarray | None = None) -> Conditioning:
+            if n not in made:
+                made[n] = conditioning(prior, prompt, n, negative, source)
+            return made[n]
+
+        return same
     from lmc_jax.data.shapes import SHAPES
 
     def filled(text: str | None, s: int) -> str | None:

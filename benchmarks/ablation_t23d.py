@@ -156,7 +156,7 @@ MESH_FIGURES = ("pieces_raw", "pieces", "watertight", "euler", "faces")
 
 def scene_meshes(field, params: list, config) -> np.ndarray:
     """Each scene's mesh as `apps.t23d.write_outputs` makes it (`export.extract_mesh` at the
-    preset's resolution, level and outlier fraction, `lmc_jax.nerf.cleanup.mesh_figures`):
+    preset's resolution, level, outlier fraction and smoothing; `cleanup.mesh_figures`):
     int [S, 5] = pieces before the floaters are removed, pieces, watertight (0/1), Euler
     number, faces; a scene with no surface has zeros."""
     from lmc_jax.nerf import export
@@ -166,7 +166,8 @@ def scene_meshes(field, params: list, config) -> np.ndarray:
         try:
             mesh = export.extract_mesh(field, p["field"], oc.mesh_resolution,
                                        config.render.scene_radius, oc.mesh_threshold,
-                                       outlier_fraction=oc.mesh_outlier_fraction)
+                                       outlier_fraction=oc.mesh_outlier_fraction,
+                                       smooth=oc.mesh_smooth)
         except export.NoSurfaceError:
             rows.append([0] * len(MESH_FIGURES))
             continue

@@ -79,10 +79,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # view_size: views.png (6 orbit views) and view_top.png (looking down), rendered from the
     # field. mesh_outlier_fraction: mesh pieces with fewer faces than this fraction of all are
     # removed (threestudio's isosurface_outlier_n_faces_threshold; 0 keeps every piece).
+    # mesh_smooth: Gaussian blur of the density grid before meshing, in voxels: 1 closes the
+    # voxel-wide tunnels of a noisy field (each a handle of the mesh); 0 meshes it as it is.
     c.output = ml_collections.ConfigDict({
         "video_frames": 60, "video_size": 256, "video_fps": 24, "view_size": 256,
         "mesh_resolution": 128, "mesh_threshold": "auto", "mesh_outlier_fraction": 0.01,
-        "texture_size": 1024, "grid_every": 1000,
+        "mesh_smooth": 0.0, "texture_size": 1024, "grid_every": 1000,
     })
     c.clip_path = ""  # a CLIP folder or hub id: CLIP score + R-precision of orbit views
     c.log_every = 50

@@ -146,6 +146,24 @@ def test_surface_module_keeps_vertices_inside_their_grid_edges():
     assert t.min() >= surface.EDGE_MARGIN - 1e-4 and t.max() <= 1 - surface.EDGE_MARGIN + 1e-4
 
 
+def test_smoothing_closes_a_voxel_wide_tunnel():
+    # A ball drilled through along z by a tunnel of one voxel's radius, which holds the grid's
+    # four central columns: a handle (Euler number 0).
+    def drilled(x):
+        ball = SPHERE_R - jnp.linalg.norm(x, axis=-1)
+        return LEVEL + 10.0 * jnp.minimum(ball, jnp.hypot(x[:, 0], x[:, 1]) - VOXEL)
+
+    raw = _mesh(drilled)["figures"]
+    assert raw["watertight"] and raw["pieces"] == 1 and raw["euler"] == 0, raw
+    fig = _mesh(drilled, smooth=1.0)["figures"]
+    assert fig["watertight"] and fig["pieces"] == 1 and fig["euler"] == 2, fig
+    np.testing.assert_allclose(fig["volume"], SHAPES["sphere"][2], rtol=0.03)
+    with pytest.raises(UserError, match="mesh_smooth=-1"):
+        export.check_smooth(-1)
+    with pytest.raises(export.NoSurfaceError, match="lower output.mesh_smooth"):
+        _mesh(_solid(lambda x: VOXEL - jnp.linalg.norm(x, axis=-1)), smooth=3.0)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_noise_with_ambiguous_cubes_gives_closed_consistent_pieces(seed):
     # Uniform noise: many cubes of Lewiner's ambiguous cases, some with a vertex inside the

@@ -67,6 +67,7 @@ def test_short_run_writes_video_mesh_grids_and_resumes(tmp_path):
     ("field.blob_shape", "cubic", "field.blob_shape"),
     ("output.mesh_outlier_fraction", 1.5, r"output.mesh_outlier_fraction=1.5 .*\[0, 1\)"),
     ("output.view_size", 0, "output.view_size must be > 0"),
+    ("output.mesh_smooth", -1.0, "output.mesh_smooth=-1.0 is not a width in voxels"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, key, value, needle):
     c = _config()

@@ -70,6 +70,7 @@ def validate(config: ml_collections.ConfigDict, prior: Prior) -> str:
                         f"{config.field.blob_shape!r}")
     export.check_threshold(config.output.mesh_threshold)
     export.check_outlier_fraction(config.output.mesh_outlier_fraction)
+    export.check_smooth(config.output.mesh_smooth)
     require_positive(config.output.texture_size, "output.texture_size")
     require_positive(config.output.view_size, "output.view_size")
     if config.shading.background not in BACKGROUNDS:
@@ -413,7 +414,8 @@ def write_outputs(field: MLPField, params, config, workdir: str) -> dict:
     out = {"video": str(video), **export.write_field_assets(
         workdir, field, params["field"], resolution=oc.mesh_resolution,
         bound=config.render.scene_radius, threshold=oc.mesh_threshold,
-        texture_size=oc.texture_size, outlier_fraction=oc.mesh_outlier_fraction)}
+        texture_size=oc.texture_size, outlier_fraction=oc.mesh_outlier_fraction,
+        smooth=oc.mesh_smooth)}
     out["output_seconds"] = time.time() - start
     return out
 

@@ -3,7 +3,8 @@
 The public entry: `write_field_assets` / `write_assets` run the pipeline, one module per job,
 
     surface  density grid over [-bound, bound]^3 -> iso level ('auto': the opaque rays') ->
-             marching cubes on the padded grid: a closed 2-manifold mesh
+             optional blur (`smooth` voxels) -> marching cubes on the padded grid: a closed
+             2-manifold mesh
     cleanup  floaters removed: pieces under `outlier_fraction` of the faces (default 0.01)
     texture  xatlas UV atlas, the albedo baked into a texture
     mesh_io  the same mesh as mesh.glb (textured), mesh.obj + .mtl + _albedo.png, mesh.ply
@@ -41,6 +42,7 @@ from lmc_jax.nerf.surface import (
     OPAQUE_DEPTH,
     NoSurfaceError,
     PointFn,
+    check_smooth,
     check_threshold,
     closed_grid,
     density_grid,
@@ -50,6 +52,7 @@ from lmc_jax.nerf.surface import (
     grid_points,
     marching_cubes,
     opaque_threshold,
+    smooth_grid,
     surface_of_grid,
     surface_threshold,
     voxel_variance,
@@ -58,13 +61,13 @@ from lmc_jax.nerf.texture import bake_texture, to_uint8
 from lmc_jax.nerf.video import write_video
 
 __all__ = [
-    "AUTO_THRESHOLD", "DEFAULT_OUTLIER_FRACTION", "OPAQUE_DEPTH", "NoSurfaceError",
-    "bake_texture", "check_outlier_fraction", "check_threshold", "closed_grid", "density_grid",
-    "evaluate_in_chunks", "extract_mesh", "extract_surface", "field_albedo_fn",
-    "field_density_fn", "grid_points", "marching_cubes", "mesh_figures", "opaque_threshold",
-    "remove_small_pieces", "surface_of_grid", "surface_threshold", "textured_trimesh",
-    "to_uint8", "vertex_normals", "write_assets", "write_field_assets", "write_glb",
-    "write_obj", "write_ply", "write_textured_obj", "write_video", "z_up_to_y_up",
+    "AUTO_THRESHOLD", "DEFAULT_OUTLIER_FRACTION", "NoSurfaceError", "OPAQUE_DEPTH", "bake_texture",
+    "check_outlier_fraction", "check_smooth", "check_threshold", "closed_grid", "density_grid",
+    "evaluate_in_chunks", "extract_mesh", "extract_surface", "field_albedo_fn", "field_density_fn",
+    "grid_points", "marching_cubes", "mesh_figures", "opaque_threshold", "remove_small_pieces",
+    "smooth_grid", "surface_of_grid", "surface_threshold", "textured_trimesh", "to_uint8",
+    "vertex_normals", "write_assets", "write_field_assets", "write_glb", "write_obj", "write_ply",
+    "write_textured_obj", "write_video", "z_up_to_y_up",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -76,7 +79,8 @@ RAW_FIGURE_KEYS = ("pieces", "watertight", "euler")
 
 def extract_surface(density_fn: PointFn, albedo_fn: PointFn, resolution: int = 128,
                     bound: float = 1.0, threshold=AUTO_THRESHOLD, chunk_size: int = 65536,
-                    outlier_fraction: float = DEFAULT_OUTLIER_FRACTION) -> dict:
+                    outlier_fraction: float = DEFAULT_OUTLIER_FRACTION,
+                    smooth: float = 0.0) -> dict:
     """Coloured, closed mesh of the iso-surface of `density_fn` at `surface_threshold`,
     without the pieces under `outlier_fraction` of its faces.
 
@@ -86,6 +90,7 @@ def extract_surface(density_fn: PointFn, albedo_fn: PointFn, resolution: int = 1
       threshold: 'auto' (`opaque_threshold`) or a density.
       outlier_fraction: pieces with fewer faces than this fraction of all are removed (0 keeps
         every piece; `lmc_jax.nerf.cleanup.remove_small_pieces`).
+      smooth: Gaussian blur of the grid before meshing, in voxels (`smooth_grid`; 0: none).
 
     Returns:
       dict with `vertices` [V, 3] float32, `faces` [F, 3] int32, `colors` [V, 3] float32,
@@ -96,8 +101,9 @@ def extract_surface(density_fn: PointFn, albedo_fn: PointFn, resolution: int = 1
       NoSurfaceError: see `surface_threshold`.
     """
     fraction = check_outlier_fraction(outlier_fraction)
+    sigma = check_smooth(smooth)
     grid = density_grid(density_fn, resolution, bound, chunk_size)
-    vertices, faces, level = surface_of_grid(grid, bound, threshold)
+    vertices, faces, level = surface_of_grid(grid, bound, threshold, sigma)
     raw = {**mesh_figures(vertices, faces), "faces": len(faces)}
     vertices, faces, _ = remove_small_pieces(vertices, faces, fraction)
     colors = evaluate_in_chunks(albedo_fn, vertices, chunk_size)
@@ -108,7 +114,8 @@ def extract_surface(density_fn: PointFn, albedo_fn: PointFn, resolution: int = 1
 
 def extract_mesh(field, params, resolution: int = 128, bound: float = 1.0,
                  threshold=AUTO_THRESHOLD, chunk_size: int = 65536,
-                 outlier_fraction: float = DEFAULT_OUTLIER_FRACTION) -> dict:
+                 outlier_fraction: float = DEFAULT_OUTLIER_FRACTION,
+                 smooth: float = 0.0) -> dict:
     """Coloured mesh of an `MLPField` (`extract_surface` of its density and albedo).
 
     The field is evaluated with point Gaussians of a uniform voxel's variance `voxel^2 / 12`.
@@ -116,7 +123,7 @@ def extract_mesh(field, params, resolution: int = 128, bound: float = 1.0,
     variance = voxel_variance(resolution, bound)
     return extract_surface(field_density_fn(field, params, variance),
                            field_albedo_fn(field, params, variance), resolution, bound,
-                           threshold, chunk_size, outlier_fraction)
+                           threshold, chunk_size, outlier_fraction, smooth)
 
 
 def figures_metrics(mesh: dict) -> dict:
@@ -130,7 +137,8 @@ def figures_metrics(mesh: dict) -> dict:
 def write_assets(workdir: str, density_fn: PointFn, albedo_fn: PointFn, resolution: int = 128,
                  bound: float = 1.0, threshold=AUTO_THRESHOLD, texture_size: int = 1024,
                  chunk_size: int = 65536,
-                 outlier_fraction: float = DEFAULT_OUTLIER_FRACTION) -> dict:
+                 outlier_fraction: float = DEFAULT_OUTLIER_FRACTION,
+                 smooth: float = 0.0) -> dict:
     """Meshes a field and writes mesh.glb, mesh.obj (+ mesh.mtl, mesh_albedo.png), mesh.ply.
 
     All three hold the same closed mesh (`extract_surface`: floaters removed). The GLB and OBJ
@@ -140,14 +148,15 @@ def write_assets(workdir: str, density_fn: PointFn, albedo_fn: PointFn, resoluti
 
     Returns:
       `{"mesh_vertices", "mesh_faces", "mesh_threshold", "texture_size", "no_surface",
-      "mesh_outlier_fraction", "mesh_<figure>", "mesh_<figure>_raw"}` (`figures_metrics`), or,
+      "mesh_outlier_fraction", "mesh_smooth", "mesh_<figure>", "mesh_<figure>_raw"}`
+      (`figures_metrics`), or,
       when there is no surface (`NoSurfaceError`), `mesh_vertices = mesh_faces = 0`,
       `no_surface: True` and `no_surface_reason`.
     """
-    fraction = check_outlier_fraction(outlier_fraction)
+    fraction, sigma = check_outlier_fraction(outlier_fraction), check_smooth(smooth)
     try:
         mesh = extract_surface(density_fn, albedo_fn, resolution, bound, threshold, chunk_size,
-                               fraction)
+                               fraction, sigma)
     except NoSurfaceError as err:
         _LOG.warning("%s: no mesh written", err)
         return {"mesh_vertices": 0, "mesh_faces": 0, "mesh_pieces": 0, "no_surface": True,
@@ -161,15 +170,16 @@ def write_assets(workdir: str, density_fn: PointFn, albedo_fn: PointFn, resoluti
     write_ply(os.path.join(workdir, "mesh.ply"), v, f, c)
     return {"mesh_vertices": len(v), "mesh_faces": len(f), "mesh_threshold": mesh["threshold"],
             "texture_size": texture_size, "no_surface": False,
-            "mesh_outlier_fraction": fraction, **figures_metrics(mesh)}
+            "mesh_outlier_fraction": fraction, "mesh_smooth": sigma, **figures_metrics(mesh)}
 
 
 def write_field_assets(workdir: str, field, params, resolution: int = 128, bound: float = 1.0,
                        threshold=AUTO_THRESHOLD, texture_size: int = 1024,
                        chunk_size: int = 65536,
-                       outlier_fraction: float = DEFAULT_OUTLIER_FRACTION) -> dict:
+                       outlier_fraction: float = DEFAULT_OUTLIER_FRACTION,
+                       smooth: float = 0.0) -> dict:
     """`write_assets` for an `MLPField` (point Gaussians of a voxel's variance)."""
     variance = voxel_variance(resolution, bound)
     return write_assets(workdir, field_density_fn(field, params, variance),
                         field_albedo_fn(field, params, variance), resolution, bound, threshold,
-                        texture_size, chunk_size, outlier_fraction)
+                        texture_size, chunk_size, outlier_fraction, smooth)

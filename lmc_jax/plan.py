@@ -175,6 +175,8 @@ def lowered_step(config: Any, prior: Any, mesh: Any) -> Any:
         guide = guidance_record(prior, config.guidance, config.steps, config)
         neg = None if guide.negative_prompt is None else emb
         cond = Conditioning(c=emb, u=emb, neg=neg)
+        if config.guidance.method == "dds":  # DDS reads a source image and prompt
+            cond = cond.replace(x_src=jax.numpy.zeros((batch, *prior.x_shape)), src=emb)
         if app == "i2i":
             import optax
 
@@ -190,8 +192,6 @@ def lowered_step(config: Any, prior: Any, mesh: Any) -> Any:
         if app in ("synth", "edit"):
             from lmc_jax.apps.optimize import make_optimizer, make_x_step
 
-            if app == "edit":  # DDS reads the source image and prompt
-                cond = cond.replace(x_src=jax.numpy.zeros((batch, *prior.x_shape)), src=emb)
             opt = make_optimizer(config.optimizer, config.lr)
             step = make_x_step(prior, cond, guide, optimizer=opt, key=jax.random.PRNGKey(0))
             opt_state = parallel.shard_batch(opt.init(jax.numpy.zeros((batch,

@@ -22,6 +22,10 @@ prompt over real renders', Frechet distance of evaluator features, high-frequenc
 colourfulness and saturation over real renders'), averaged over the 8 views. When the shipped
 evaluator has its "no object" head (`lmc_jax.metrics.shapes_eval`), `no_object` is the fraction
 of views it reads as empty or fog, and those views count as misses in both/R-precision.
+Each scene's mesh is measured as the app makes it (`scene_meshes`: pieces before and after the
+floaters are removed, watertight, Euler number; stored with the views as `<row>/<seed>/mesh`,
+so rows trained before this have none): columns 'pieces raw', 'pieces' and '1 closed' (the
+fraction of scenes whose mesh is one closed piece), per scene in the JSON.
 
     python benchmarks/ablation_t23d.py [--quick] [--seeds 0 1] [--rows ...] [--steps 300]
         [--views PATH.npz] [--score-only] [--json PATH] [--figure PATH]

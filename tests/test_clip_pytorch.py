@@ -95,6 +95,7 @@ def test_t23d_reports_clip_r_precision_when_clip_path_is_set(tiny, tmp_path, mon
     c = load_config(os.path.join(root, "configs", "t23d.py"), "mixture")  # exact prior: cheap
     c.steps, c.render.size, c.render.num_coarse, c.render.num_fine = 2, 16, 8, 8
     c.field.width, c.output.video_frames, c.output.video_size = 16, 4, 16
+    c.output.view_size = 16
     c.output.mesh_resolution, c.output.grid_every, c.log_every, c.checkpoint_every = 16, 2, 2, 2
     c.clip_path = str(tiny[0])
     metrics = t23d.run(c, str(tmp_path / "run"))

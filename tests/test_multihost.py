@@ -33,7 +33,7 @@ STEPS = 3
 OVERRIDES = {"steps": STEPS, "batch": 4, "render.size": 8, "render.num_coarse": 4,
              "render.num_fine": 4, "field.width": 8, "log_every": 1, "checkpoint_every": STEPS,
              "output.grid_every": 1000, "output.video_frames": 2, "output.video_size": 8,
-             "output.mesh_resolution": 8}
+             "output.view_size": 8, "output.mesh_resolution": 8}
 
 
 def _free_port() -> int:

@@ -226,7 +226,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                                             config.lr * 0.05)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.0))
     params = initial_params(config, unet, text_encoder, tokenizer)
-    state = parallel.replicate(init_train_state(params, opt.init(params), extra=params), mesh)
+    # The EMA starts as a copy of the weights, not the same arrays: the step donates its state,
+    # and one buffer cannot be donated twice.
+    ema = jax.tree_util.tree_map(lambda p: np.array(p, copy=True), params)
+    state = parallel.replicate(init_train_state(params, opt.init(params), extra=ema), mesh)
     key = jax.random.PRNGKey(config.seed)
     step_fn = make_train_step(unet, text_encoder, opt, alphas_cumprod, config.ema,
                               config.cond_dropout, config.prediction_type, mesh)

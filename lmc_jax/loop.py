@@ -155,6 +155,7 @@ class TrainLoop:
         """Runs the steps from `state.step` to `steps` (call `restore` first to resume)."""
         if self.start_state is None:
             self.start_state = _host_copy(state)
+        state = distinct_buffers(state)
         start_step = int(state.step)
         metrics: dict = {}
         logged: list[dict] = []
@@ -184,6 +185,23 @@ class TrainLoop:
             writer.close()
         return LoopResult(state=state, start_state=self.start_state, metrics=metrics,
                           logged=logged, seconds=time.time() - start)
+
+
+def distinct_buffers(state: Any) -> Any:
+    """`state` with every array leaf that appears twice (the same object: an EMA initialized
+    as the params, say) replaced by a copy: the steps donate their state, and XLA refuses to
+    donate one buffer twice (and crashed doing so on CPU)."""
+    seen: set[int] = set()
+
+    def leaf(x):
+        if not isinstance(x, jax.Array):
+            return x
+        if id(x) in seen:
+            return jnp.copy(x)
+        seen.add(id(x))
+        return x
+
+    return jax.tree_util.tree_map(leaf, state)
 
 
 def _host_copy(state: TrainState) -> TrainState:

@@ -164,3 +164,17 @@ def test_an_apps_user_error_passes_through(tmp_path):
 
     with pytest.raises(UserError, match="data.path is empty"):
         train(str(tmp_path), c, _fresh(c), bad, steps=3)
+
+
+def test_a_state_holding_one_array_twice_gets_distinct_buffers():
+    """The steps donate their state; one buffer cannot be donated twice (train_prior's EMA
+    starts as its params), so the loop copies a repeated leaf before the first step."""
+    from lmc_jax.loop import distinct_buffers
+
+    w = jnp.arange(4.0)
+    state = init_train_state({"w": w}, (), extra={"w": w})
+    out = distinct_buffers(state)
+    assert out.params["w"] is w and out.extra["w"] is not w
+    np.testing.assert_array_equal(np.asarray(out.extra["w"]), np.asarray(w))
+    step = jax.jit(lambda s: s.replace(step=s.step + 1), donate_argnums=0)
+    assert int(step(out).step) == 1

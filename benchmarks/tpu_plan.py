@@ -84,7 +84,7 @@ def run_row(name: str, config: str, topology: str, overrides: list[str]) -> dict
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| row | slice | data x model | per chip args / temp / total GiB (HBM) | aliased GiB "
+    head = ("| row | slice | data x model | per chip args / temp / total GiB (HBM) | aliased (donated) MiB "
             "| TFLOP / GB per chip-step | roofline ms (compute / memory) | collectives | "
             "compile s |\n|---|---|---|---|---|---|---|---|---|")
     out = [head]
@@ -94,7 +94,7 @@ def table(rows: list[dict]) -> str:
                 if "roofline_ms" in r else "-")
         out.append(f"| {r['name']} | {r['topology']} ({r['devices']}x {r['device_kind']}) | "
                    f"{r['data']} x {r['model']} | {r['args_gib']:.2f} / {r['temp_gib']:.2f} / "
-                   f"{r['total_gib']:.2f} ({r['hbm_gib']:.0f}) | {r['alias_gib']:.3f} | "
+                   f"{r['total_gib']:.2f} ({r['hbm_gib']:.0f}) | {r['alias_gib'] * 1024:.2f} | "
                    f"{r['tflop']:.2f} / {r['gb_accessed']:.1f} | {roof} | {coll} | "
                    f"{r['compile_s']:.0f} |")
     return "\n".join(out)

@@ -291,7 +291,7 @@ def format_plan(row: dict) -> str:
     lines = [["per device: arguments", f"{row['args_gib']:.2f} GiB"],
              ["per device: temporaries", f"{row['temp_gib']:.2f} GiB"],
              ["per device: outputs", f"{row['out_gib']:.2f} GiB"],
-             ["per device: aliased (donated state)", f"{row['alias_gib']:.3f} GiB"],
+             ["per device: aliased (donated state)", f"{row['alias_gib'] * 1024:.2f} MiB"],
              ["per device: total / HBM", f"{row['total_gib']:.2f} / "
               + (f"{row['hbm_gib']:.1f} GiB" if row.get("hbm_gib") else "? GiB")],
              ["TFLOP per device-step", f"{row['tflop']:.3f}"],

@@ -153,7 +153,7 @@ def lowered_step(config: Any, prior: Any, mesh: Any) -> Any:
             prompt = t23d.validate(config, prior)
             _, state, step = t23d.setup(config, prior, prompt, mesh)
             return step.jitted.lower(state, step.consts)
-        batch = int(config.batch if app != "bias" else config.train.batch)
+        batch = parallel.config_batch(config) or 1  # edit: one image
         parallel.check_batch(batch, mesh, "batch" if app != "bias" else "train.batch")
         x = parallel.shard_batch(jax.ShapeDtypeStruct((batch, *prior.x_shape), "float32"), mesh)
         emb = prior.embed_text([""] * batch)
@@ -333,7 +333,8 @@ def plan(config: Any, topology: str = "", arch: str = "", quiet: bool = False) -
         batch = parallel.config_batch(config)
         mesh = parallel.mesh_from_config(config, devices, batch)
         say(f"mesh: data={parallel.data_size(mesh)} x model={int(mesh.shape['model'])} "
-            f"(parallel.model_axis={config.parallel.model_axis}, batch={batch})")
+            f"(parallel.model_axis={parallel.model_axis_of(config, len(devices), batch)[0]}, "
+            f"batch={batch})")
         t0 = time.time()
         lowered = lowered_step(config, prior, mesh)
     say(f"compiling the {config.app} step ({expected_compile(prior)}) ...")

@@ -171,3 +171,16 @@ def test_this_hosts_devices_plan_the_step_and_count_a_collective(plan):
     assert found["all-reduce"]["count"] == 1 and found["all-reduce"]["bytes"] == 128 * 4 * 4
     assert found["collective-permute"]["count"] == 1
     assert found["collective-permute"]["bytes"] == 32
+
+
+@pytest.mark.parametrize("app,overrides", [("synth", {}), ("edit", {"guidance.method": "dds"}),
+                                           ("i2i", {"steps": 2})])
+def test_every_app_plans_on_this_host(plan, app, overrides):
+    """synth, edit (DDS: a source image and prompt) and i2i build, compile and report too."""
+    config = load_config(os.path.join(ROOT, "configs", f"{app}.py"), "mixture")
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        (config[section] if section else config)[name] = value
+    row = plan.plan(config, "", quiet=True)
+    assert row["app"] == app and row["tflop"] > 0 and row["gb_accessed"] > 0
+    assert row["alias_gib"] > 0  # x and its optimizer state (synth/edit), the net's (i2i)

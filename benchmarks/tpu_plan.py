@@ -7,7 +7,8 @@ only, `--arch=sd21-base`, no weights), compiled by libtpu for the named slice. E
 its own process (`python -m lmc_jax.plan ... --json`) and takes 10-25 minutes on 2 CPU cores,
 so the script appends each row to benchmarks/results/tpu_plan.json as soon as it is done and
 skips rows already there: run it in the background, across sessions, until every row is in.
-`--table` prints the rows as the Markdown table of BUILD.md. Needs the `tpu` extra (libtpu);
+`--table` prints the rows as the Markdown table of BUILD.md (and each row's GB written per
+chip-step by model: where the HBM traffic goes). Needs the `tpu` extra (libtpu);
 run with JAX_PLATFORMS=cpu.
 """
 
@@ -84,9 +85,9 @@ def run_row(name: str, config: str, topology: str, overrides: list[str]) -> dict
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| row | slice | data x model | per chip args / temp / total GiB (HBM) | aliased (donated) MiB "
-            "| TFLOP / GB per chip-step | roofline ms (compute / memory) | collectives | "
-            "compile s |\n|---|---|---|---|---|---|---|---|---|")
+    head = ("| row | slice | data x model | per chip args / temp / total GiB (HBM) | "
+            "aliased (donated) MiB | TFLOP / GB per chip-step | roofline ms (compute / memory) | "
+            "collectives | compile s |\n|---|---|---|---|---|---|---|---|---|")
     out = [head]
     for r in rows:
         coll = ", ".join(f"{c['count']} {k}" for k, c in r["collectives"].items()) or "none"
@@ -97,7 +98,10 @@ def table(rows: list[dict]) -> str:
                    f"{r['total_gib']:.2f} ({r['hbm_gib']:.0f}) | {r['alias_gib'] * 1024:.2f} | "
                    f"{r['tflop']:.2f} / {r['gb_accessed']:.1f} | {roof} | {coll} | "
                    f"{r['compile_s']:.0f} |")
-    return "\n".join(out)
+    written = [f"- {r['name']} @ {r['topology']}: GB written per chip-step by model: "
+               + ", ".join(f"{k} {v:.1f}" for k, v in r["gb_written_by"].items())
+               for r in rows if r.get("gb_written_by")]
+    return "\n".join(out + ([""] + written if written else []))
 
 
 def main() -> None:
@@ -110,8 +114,8 @@ def main() -> None:
         return
     for name, config, topology, overrides in ROWS:
         k = key(name, topology)
-        if args.only not in k or any(r["key"] == k for r in load()):
-            continue
+        if args.only not in k or any(r["key"] == k and "gb_written_by" in r for r in load()):
+            continue  # done (a row from before the written-bytes split is done again)
         print(f"compiling {k} ...", flush=True)
         try:
             row = run_row(name, config, topology, overrides)

@@ -238,6 +238,37 @@ def collectives(hlo: str) -> dict[str, dict]:
     return out
 
 
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(.*?)\s+([a-z][\w-]*)\(")
+_SCOPES = ("FlaxUNet2DConditionModel", "FlaxAutoencoderKL", "FlaxCLIPTextTransformer",
+           "BiasNet", "MLPField", "BackgroundMLP", "Translator")
+
+
+def bytes_by_source(hlo: str) -> dict[str, float]:
+    """GB *written* per step by the top-level instructions of a compiled module (fusions,
+    copies, convolutions, ...; not the ops inside a fusion, which stay on chip), grouped by the
+    model whose op made them (`op_name` metadata: the UNet, the VAE, the field, ...; 'other'
+    for the rest). Reads and writes together are XLA's 'bytes accessed'; this splits the
+    writes, a guide to where the HBM traffic goes."""
+    out: dict[str, float] = collections.Counter()
+    fused = False
+    for line in hlo.splitlines():
+        if line and not line[0].isspace():  # a computation's header: fused bodies stay on chip
+            fused = line.startswith("%fused") or " %fused" in line.split("(")[0] \
+                or line.startswith("fused")
+            continue
+        if fused:
+            continue
+        m = _INSTR.match(line)
+        if m is None or m.group(2) in ("parameter", "constant", "get-tuple-element", "tuple",
+                                       "bitcast"):
+            continue
+        name = _OP_NAME.search(line)
+        op = name.group(1) if name else ""
+        scope = next((s for s in _SCOPES if s in op), "other")
+        out[scope] += _shape_bytes(m.group(1)) / 1e9
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def analyse(compiled: Any, chip: dict) -> dict[str, Any]:
     """Per-device memory, FLOPs, bytes, collectives and the roofline estimate."""
     mem = compiled.memory_analysis()
@@ -254,7 +285,9 @@ def analyse(compiled: Any, chip: dict) -> dict[str, Any]:
     # Donated outputs live in their arguments' buffers: count them once.
     row["total_gib"] = (row["args_gib"] + row["temp_gib"] + row["out_gib"] - row["alias_gib"]
                         + row["code_gib"])
-    coll = collectives(compiled.as_text())
+    hlo = compiled.as_text()
+    coll = collectives(hlo)
+    row["gb_written_by"] = bytes_by_source(hlo)
     row["collectives"] = {k: {"count": v["count"], "mb": v["bytes"] / 1e6,
                               "sources": dict(v["sources"].most_common(4))}
                           for k, v in sorted(coll.items())}
@@ -299,6 +332,8 @@ def format_plan(row: dict) -> str:
     if "roofline_ms" in row:
         lines.append(["roofline (estimate)", f"{row['roofline_ms']:.1f} ms (compute "
                       f"{row['compute_ms']:.1f}, memory {row['memory_ms']:.1f})"])
+    written = ", ".join(f"{k} {v:.2f}" for k, v in list(row["gb_written_by"].items())[:4])
+    lines.append(["GB written, by model", written or "-"])
     for kind, c in row["collectives"].items():
         lines.append([f"collective: {kind}", f"{c['count']} ({c['mb']:.1f} MB)"])
     if not row["collectives"]:

@@ -171,6 +171,18 @@ def test_this_hosts_devices_plan_the_step_and_count_a_collective(plan):
     assert found["all-reduce"]["count"] == 1 and found["all-reduce"]["bytes"] == 128 * 4 * 4
     assert found["collective-permute"]["count"] == 1
     assert found["collective-permute"]["bytes"] == 32
+    # Bytes written by top-level instructions, by model; a fused body's ops are not counted.
+    module = ('%fused_computation.1 (p: f32[4]) -> f32[4] {\n'
+              '  ROOT %m = f32[4]{0} multiply(f32[4]{0} %p, f32[4]{0} %p), '
+              'metadata={op_name="jit(s)/FlaxAutoencoderKL/mul"}\n}\n\n'
+              'ENTRY %main.2 (a: f32[4]) -> bf16[500] {\n'
+              '  %a = f32[4]{0} parameter(0)\n'
+              '  %f = f32[1000]{0} fusion(f32[4]{0} %a), kind=kLoop, calls=%fused_computation.1, '
+              'metadata={op_name="jit(s)/FlaxUNet2DConditionModel/conv"}\n'
+              '  ROOT %c = bf16[500]{0} copy(f32[1000]{0} %f), '
+              'metadata={op_name="jit(s)/MLPField/dense"}\n}\n')
+    written = plan.bytes_by_source(module)
+    assert written == {"FlaxUNet2DConditionModel": 4000 / 1e9, "MLPField": 1000 / 1e9}, written
 
 
 @pytest.mark.parametrize("app,overrides", [("synth", {}), ("edit", {"guidance.method": "dds"}),

@@ -382,6 +382,16 @@ def summarise(res: dict) -> None:
 def figure(path: str, prompts: list[str], rows: list[tuple[str, np.ndarray, np.ndarray]],
            world: str = "Embedded prior") -> None:
     """Rows of 25 images (label, images [25, H, W, 3] in [-1, 1], evaluator hits [25])."""
+    titles = [" ".join(p.split()[1:-1]) + "\n" + p.split()[-1] for p in prompts]
+    grid_figure(path, titles, rows, f"{world}, {len(prompts)} prompts, seed 0 (frame: evaluator "
+                "reads shape and colour right = green)")
+
+
+def grid_figure(path: str, titles: list[str], rows: list[tuple[str, np.ndarray, np.ndarray | None]],
+                suptitle: str, cell: tuple[float, float] = (0.72, 0.86),
+                margin: float = 1.2) -> None:
+    """A grid of images, one row per (label, images [n, H, W, 3] in [-1, 1], hits [n] or None),
+    framed green/red by `hits` (grey without), column titles on the first row."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -389,9 +399,9 @@ def figure(path: str, prompts: list[str], rows: list[tuple[str, np.ndarray, np.n
 
     from lmc_jax import io
 
-    n = len(prompts)
-    fig, axes = plt.subplots(len(rows), n, figsize=(0.72 * n + 1.2, 0.86 * len(rows) + 0.5),
-                             squeeze=False)
+    n = len(titles)
+    fig, axes = plt.subplots(len(rows), n, figsize=(cell[0] * n + margin,
+                                                    cell[1] * len(rows) + 0.5), squeeze=False)
     for i, (label, images, hits) in enumerate(rows):
         for j in range(n):
             ax = axes[i, j]
@@ -399,15 +409,14 @@ def figure(path: str, prompts: list[str], rows: list[tuple[str, np.ndarray, np.n
             ax.set_xticks([])
             ax.set_yticks([])
             for spine in ax.spines.values():
-                spine.set_color("tab:green" if hits[j] else "tab:red")
+                spine.set_color("0.6" if hits is None else
+                                ("tab:green" if hits[j] else "tab:red"))
                 spine.set_linewidth(2.0)
             if i == 0:
-                words = prompts[j].split()
-                ax.set_title(" ".join(words[1:-1]) + "\n" + words[-1], fontsize=7)
+                ax.set_title(titles[j], fontsize=7)
             if j == 0:
                 ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
-    fig.suptitle(f"{world}, {n} prompts, seed 0 (frame: evaluator reads shape and colour "
-                 "right = green)", fontsize=8)
+    fig.suptitle(suptitle, fontsize=8)
     fig.tight_layout(pad=0.3, w_pad=0.1, h_pad=0.2)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -54,6 +54,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ablation  # noqa: E402  (benchmarks/ablation.py: its figure grid)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = (
     ("lmc", "LMC-SDS w = 7.5", "lmc", {}),
@@ -136,37 +139,12 @@ def scorer_for(saved: dict, prompt: str):
 def figure(path: str, rows: list[tuple[str, np.ndarray, np.ndarray]], shapes: np.ndarray
            ) -> None:
     """Rows (label, images [n, H, W, 3] in [-1, 1], hits [n] or None for no frame colour)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from lmc_jax import io
     from lmc_jax.data.shapes import SHAPES
 
-    n = len(shapes)
-    fig, axes = plt.subplots(len(rows), n, figsize=(0.8 * n + 1.6, 0.9 * len(rows) + 0.5),
-                             squeeze=False)
-    for i, (label, images, hits) in enumerate(rows):
-        for j in range(n):
-            ax = axes[i, j]
-            ax.imshow(io.to_uint8(images[j]), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_color("0.6" if hits is None else
-                                ("tab:green" if hits[j] else "tab:red"))
-                spine.set_linewidth(2.0)
-            if i == 0:
-                ax.set_title(SHAPES[int(shapes[j])], fontsize=7)
-            if j == 0:
-                ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
-    fig.suptitle("f_theta: 'a red X' -> 'a blue X', held-out renders, seed 0 (frame: evaluator "
-                 "reads blue and the input's shape = green)", fontsize=8)
-    fig.tight_layout(pad=0.3, w_pad=0.1, h_pad=0.2)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    ablation.grid_figure(path, [SHAPES[int(k)] for k in shapes], rows,
+                         "f_theta: 'a red X' -> 'a blue X', held-out renders, seed 0 (frame: "
+                         "evaluator reads blue and the input's shape = green)",
+                         cell=(0.8, 0.9), margin=1.6)
 
 
 def main() -> None:

@@ -246,8 +246,9 @@ _SCOPES = ("FlaxUNet2DConditionModel", "FlaxAutoencoderKL", "FlaxCLIPTextTransfo
 def bytes_by_source(hlo: str) -> dict[str, float]:
     """GB *written* per step by the top-level instructions of a compiled module (fusions,
     copies, convolutions, ...; not the ops inside a fusion, which stay on chip), grouped by the
-    model whose op made them (`op_name` metadata: the UNet, the VAE, the field, ...; 'other'
-    for the rest). Reads and writes together are XLA's 'bytes accessed'; this splits the
+    model whose op made them (`op_name` metadata: the UNet, the VAE, the field, ...; the rest
+    as 'other: <JAX op>', or '<HLO op> (no op_name)' for what XLA added itself, e.g. layout
+    copies). Reads and writes together are XLA's 'bytes accessed'; this splits the
     writes, a guide to where the HBM traffic goes."""
     out: dict[str, float] = collections.Counter()
     fused = False
@@ -264,7 +265,10 @@ def bytes_by_source(hlo: str) -> dict[str, float]:
             continue
         name = _OP_NAME.search(line)
         op = name.group(1) if name else ""
-        scope = next((s for s in _SCOPES if s in op), "other")
+        scope = next((s for s in _SCOPES if s in op), None)
+        if scope is None:  # the JAX op itself, its jit/jvp/transpose wrappers taken off
+            last = re.sub(r"^(?:\w+\()+|\)+$", "", op.split("/")[-1]) if op else ""
+            scope = f"other: {last or m.group(2) + ' (no op_name)'}"
         out[scope] += _shape_bytes(m.group(1)) / 1e9
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 

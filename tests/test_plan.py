@@ -180,9 +180,13 @@ def test_this_hosts_devices_plan_the_step_and_count_a_collective(plan):
               '  %f = f32[1000]{0} fusion(f32[4]{0} %a), kind=kLoop, calls=%fused_computation.1, '
               'metadata={op_name="jit(s)/FlaxUNet2DConditionModel/conv"}\n'
               '  ROOT %c = bf16[500]{0} copy(f32[1000]{0} %f), '
-              'metadata={op_name="jit(s)/MLPField/dense"}\n}\n')
+              'metadata={op_name="jit(s)/MLPField/dense"}\n'
+              '  %r = f32[10]{0} fusion(f32[4]{0} %a), calls=%fused_computation.1, '
+              'metadata={op_name="jit(s)/transpose(jvp(resize))"}\n'
+              '  %t = f32[20]{0} copy(f32[20]{0} %f)\n}\n')
     written = plan.bytes_by_source(module)
-    assert written == {"FlaxUNet2DConditionModel": 4000 / 1e9, "MLPField": 1000 / 1e9}, written
+    assert written == {"FlaxUNet2DConditionModel": 4000 / 1e9, "MLPField": 1000 / 1e9,
+                       "other: resize": 40 / 1e9, "other: copy (no op_name)": 80 / 1e9}, written
 
 
 @pytest.mark.parametrize("app,overrides", [("synth", {}), ("edit", {"guidance.method": "dds"}),

@@ -369,10 +369,10 @@ def plan(config: Any, topology: str = "", arch: str = "", quiet: bool = False) -
         swapped = untrained_bias(config, prior, os.path.join(tmp, "bias"))
         if swapped:
             say(f"b_psi: {swapped}")
-        batch = parallel.config_batch(config)
+        batch = parallel.config_batch(config) or 1  # edit: one image
         mesh = parallel.mesh_from_config(config, devices, batch)
         say(f"mesh: data={parallel.data_size(mesh)} x model={int(mesh.shape['model'])} "
-            f"(parallel.model_axis={parallel.model_axis_of(config, len(devices), batch)[0]}, "
+            f"(parallel.model_axis={config.get('parallel', {}).get('model_axis', 1)}, "
             f"batch={batch})")
         t0 = time.time()
         lowered = lowered_step(config, prior, mesh)

@@ -239,6 +239,7 @@ def collectives(hlo: str) -> dict[str, dict]:
 
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(.*?)\s+([a-z][\w-]*)\(")
+_MEMORY_SPACE = re.compile(r"\{[^}]*S\(\d+\)[^}]*\}")
 _SCOPES = ("FlaxUNet2DConditionModel", "FlaxAutoencoderKL", "FlaxCLIPTextTransformer",
            "BiasNet", "MLPField", "BackgroundMLP", "Translator")
 
@@ -261,14 +262,16 @@ def bytes_by_source(hlo: str) -> dict[str, float]:
             continue
         m = _INSTR.match(line)
         if m is None or m.group(2) in ("parameter", "constant", "get-tuple-element", "tuple",
-                                       "bitcast"):
-            continue
+                                       "bitcast") or m.group(2).endswith("-start"):
+            continue  # an async pair is counted at its -done, whose result is the destination
         name = _OP_NAME.search(line)
         op = name.group(1) if name else ""
         scope = next((s for s in _SCOPES if s in op), None)
         if scope is None:  # the JAX op itself, its jit/jvp/transpose wrappers taken off
             last = re.sub(r"^(?:\w+\()+|\)+$", "", op.split("/")[-1]) if op else ""
             scope = f"other: {last or m.group(2) + ' (no op_name)'}"
+        if _MEMORY_SPACE.search(m.group(1)):  # a layout in another memory space (on chip)
+            scope += " [memory space S(n), not HBM]"
         out[scope] += _shape_bytes(m.group(1)) / 1e9
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 

@@ -193,6 +193,34 @@ def test_encode_decode_nhwc(saved, tiny):
         tiny.decode(jnp.zeros((1, 4, 32, 32)))
 
 
+def test_encoder_gradient_is_rematerialized_and_exact(saved, tiny):
+    """The encoder keeps only convolution outputs for its backward pass (the rest is recomputed),
+    and its gradient is the plain (not rematerialized) diffusers encoder's."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    img = jnp.tanh(jax.random.normal(jax.random.PRNGKey(2), (1, 32, 32, 3)))
+    cot = jax.random.normal(jax.random.PRNGKey(3), (1, 16, 16, 4))
+    g = jax.grad(lambda a: jnp.sum(tiny.encode(a) * cot))(img)
+    vae, vparams = _compat.diffusers().FlaxAutoencoderKL.from_pretrained(str(saved / "vae"))
+    scale = json.loads((saved / "vae" / "config.json").read_text())["scaling_factor"]
+
+    def ref(a):
+        nchw = jnp.transpose(a, (0, 3, 1, 2))
+        return vae.apply({"params": vparams}, nchw, method=vae.encode).latent_dist.mean * scale
+
+    g_ref = jax.grad(lambda a: jnp.sum(ref(a) * cot))(img)
+    np.testing.assert_allclose(g, g_ref, atol=1e-5, rtol=1e-4)
+
+    def activations(f):  # residuals computed in f (not weights, literals or the input)
+        return [d for _, d in saved_residuals(f, img)
+                if d.startswith("output of")]
+
+    mine = activations(lambda a: tiny.encode_fn.__wrapped__(tiny.params, a))
+    plain = activations(ref)
+    assert mine and all("conv_general_dilated" in d for d in mine), mine
+    assert any("conv_general_dilated" not in d for d in plain)  # what remat takes away
+
+
 def test_prior_as_jit_argument(tiny, inputs, eps_tiny):
     """eps_tiny came from EPS_JIT(tiny, ...) (direct calls agree: test_save_load_roundtrip)."""
     # New weights in the same Prior structure: no retrace, and the weights are used (not baked).

@@ -103,8 +103,9 @@ def resolve_arch(path: str, arch: str = "") -> tuple[tuple[dict, dict, dict, dic
     return ARCHS[DEFAULT_ARCH], f"built-in {DEFAULT_ARCH} (prior.path is empty)"
 
 
-def shapes_prior(prior_cfg: Any, arch: str = "") -> tuple[Prior, str]:
-    """`(Prior with ShapeDtypeStruct params, where its architecture came from)`."""
+def shapes_prior(prior_cfg: Any, arch: str = "", **kwargs: Any) -> tuple[Prior, str]:
+    """`(Prior with ShapeDtypeStruct params, where its architecture came from)`; `kwargs` go to
+    `make_sd_prior` (e.g. `remat_encoder=False`)."""
     from lmc_jax.priors.sd import make_sd_prior
     from lmc_jax.priors.sd_tiny import pipeline_shapes
 
@@ -112,5 +113,6 @@ def shapes_prior(prior_cfg: Any, arch: str = "") -> tuple[Prior, str]:
     unet, vae, text_encoder, tokenizer, shapes = pipeline_shapes(ucfg, vcfg, tcfg)
     prior = make_sd_prior(unet, vae, text_encoder, tokenizer, shapes, scfg,
                           dtype=prior_cfg.dtype, attention=prior_cfg.attention,
-                          name=f"{arch or Path(prior_cfg.path or DEFAULT_ARCH).name} (shapes)")
+                          name=f"{arch or Path(prior_cfg.path or DEFAULT_ARCH).name} (shapes)",
+                          **kwargs)
     return prior, source

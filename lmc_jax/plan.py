@@ -310,12 +310,20 @@ def verdict(row: dict, chip: dict, config: Any, mesh: Any) -> str:
     hbm = chip["hbm_gib"]
     if hbm is None:
         return "unknown: this device reports no memory size"
+    n, model = mesh.size, int(mesh.shape["model"])
     if row["total_gib"] <= 0.9 * hbm:
-        return f"fits ({row['total_gib']:.2f} of {hbm:.1f} GiB per device)"
+        out = f"fits ({row['total_gib']:.2f} of {hbm:.1f} GiB per device)"
+        count = sum(c["count"] for c in row["collectives"].values())
+        if model > 1:  # the batch covers fewer devices than there are: the prior is split
+            key = "train.batch" if config.app == "bias" else "batch"
+            out += (f"; the batch splits over {n // model} of {n} devices and the prior over "
+                    f"{model} ({count} collectives per step): --config.{key}={n} (or a "
+                    f"multiple of {n}) runs data-parallel with the gradient's all-reduce "
+                    "only, if that many images per step suit the run")
+        return out
     fixes = []
     if config.get("prior", {}).get("dtype", "float32") == "float32":
         fixes.append("--config.prior.dtype=bfloat16 (halves the prior's weights)")
-    n, model = mesh.size, int(mesh.shape["model"])
     if model < n:
         fixes.append(f"--config.parallel.model_axis={min(n, model * 2)} (split the prior over "
                      "more devices)")

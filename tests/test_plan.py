@@ -116,6 +116,7 @@ def test_default_batch_one_picks_a_split_for_the_slice(plan):
     config = _t23d(batch=1)
     row = plan.plan(config, TOPOLOGY, quiet=True)
     assert (row["data"], row["model"]) == (1, 4)
+    assert row["verdict"].startswith("fits") and "--config.batch=4" in row["verdict"]
 
 
 @needs_libtpu

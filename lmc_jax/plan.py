@@ -74,6 +74,11 @@ def slice_devices(topology: str) -> tuple[list, str]:
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         devs = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+        if any(getattr(d, "core_on_chip", 0) for d in devs):
+            # libtpu lists each TensorCore of a v4 chip as a device; JAX on a real v4 host
+            # runs one device per chip ("megacore"), and jax.make_mesh accepts only that.
+            devs = topologies.get_topology_desc(topology_name=topology, platform="tpu",
+                                                chip_config_name="megacore").devices
     except Exception as e:  # noqa: BLE001 - libtpu's errors are long; one line names the fix
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"libtpu does not know the TPU topology {topology!r} ({first}); name a "
@@ -84,7 +89,8 @@ def slice_devices(topology: str) -> tuple[list, str]:
 
 def chip_figures(devices: list) -> dict[str, float | None]:
     """HBM per device (GiB), bf16 TFLOP/s and HBM GB/s per device, from the data sheet (a
-    chip listed as several devices, like v4's two TensorCores here, is divided among them)."""
+    chip listed as several devices is divided among them; v4 is planned one device per chip,
+    as JAX runs it)."""
     kind = devices[0].device_kind
     per_chip = collections.Counter(tuple(getattr(d, "coords", (d.id,))) for d in devices)
     share = max(per_chip.values()) if per_chip else 1

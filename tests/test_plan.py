@@ -129,6 +129,15 @@ def test_bias_training_step_compiles_data_parallel_and_donates(plan):
 
 
 @needs_libtpu
+def test_v4_is_planned_one_device_per_chip(plan):
+    """libtpu lists v4's two TensorCores per chip as devices; JAX on a v4 host (and
+    jax.make_mesh) uses one per chip."""
+    devices, _ = plan.slice_devices("v4:2x2x1")
+    assert len(devices) == 4 and all(d.core_on_chip == 0 for d in devices)
+    assert plan.chip_figures(devices)["hbm_gib"] == 32.0
+
+
+@needs_libtpu
 def test_a_batch_that_does_not_split_is_a_user_error(plan):
     from lmc_jax.errors import UserError
 

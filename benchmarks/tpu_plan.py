@@ -88,10 +88,32 @@ def run_row(name: str, config: str, topology: str, overrides: list[str]) -> dict
     return row
 
 
+ON_CHIP = " [memory space S(n), not HBM]"
+
+
+def written_summary(written: dict[str, float]) -> str:
+    """GB written per chip-step: to HBM by model (XLA's own ops and the small rest as 'other'),
+    and the total that lands in on-chip memory."""
+    hbm: dict[str, float] = {}
+    on_chip = 0.0
+    for name, gb in written.items():
+        if name.endswith(ON_CHIP):
+            on_chip += gb
+        else:
+            key = "other" if name.startswith("other:") else name
+            hbm[key] = hbm.get(key, 0.0) + gb
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(hbm.items(), key=lambda kv: -kv[1])
+                      if v >= 0.05)
+    return (f"GB written per chip-step: to HBM {sum(hbm.values()):.1f} ({parts}); to on-chip "
+            f"memory {on_chip:.1f}")
+
+
 def table(rows: list[dict]) -> str:
     head = ("| row | slice | data x model | per chip args / temp / total GiB (HBM) | "
             "aliased (donated) MiB | TFLOP / GB per chip-step | roofline ms (compute / memory) | "
             "collectives | compile s |\n|---|---|---|---|---|---|---|---|---|")
+    order = {key(name, topology): i for i, (name, _, topology, _) in enumerate(ROWS)}
+    rows = sorted(rows, key=lambda r: order.get(r["key"], len(order)))
     out = [head]
     for r in rows:
         coll = ", ".join(f"{c['count']} {k}" for k, c in r["collectives"].items()) or "none"
@@ -102,8 +124,7 @@ def table(rows: list[dict]) -> str:
                    f"{r['total_gib']:.2f} ({r['hbm_gib']:.0f}) | {r['alias_gib'] * 1024:.2f} | "
                    f"{r['tflop']:.2f} / {r['gb_accessed']:.1f} | {roof} | {coll} | "
                    f"{r['compile_s']:.0f} |")
-    written = [f"- {r['name']} @ {r['topology']}: GB written per chip-step by model: "
-               + ", ".join(f"{k} {v:.1f}" for k, v in r["gb_written_by"].items() if v >= 0.05)
+    written = [f"- {r['name']} @ {r['topology']}: {written_summary(r['gb_written_by'])}"
                for r in rows if r.get("gb_written_by")]
     return "\n".join(out + ([""] + written if written else []))
 

@@ -61,7 +61,7 @@ def measure(remat: bool, topology: str, arch: str, dtype: str, size: int) -> dic
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     written = plan.bytes_by_source(compiled.as_text())
-    on_chip = f"{VAE} [memory space S(n), not HBM]"
+    on_chip = VAE + plan.ON_CHIP
     return {"remat_encoder": remat, "tflop": cost["flops"] / 1e12,
             "gb_accessed": cost["bytes accessed"] / 1e9,
             "vae_gb_written_hbm": written.get(VAE, 0.0),

@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 
+from lmc_jax.plan import written_summary
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "tpu_plan.json")
 BF16 = ["--config.prior.dtype=bfloat16"]
@@ -86,26 +88,6 @@ def run_row(name: str, config: str, topology: str, overrides: list[str]) -> dict
                wall_s=time.time() - t0, measured=time.strftime("%Y-%m-%d"),
                host_cpus=os.cpu_count(), step_version=STEP_VERSION)
     return row
-
-
-ON_CHIP = " [memory space S(n), not HBM]"
-
-
-def written_summary(written: dict[str, float]) -> str:
-    """GB written per chip-step: to HBM by model (XLA's own ops and the small rest as 'other'),
-    and the total that lands in on-chip memory."""
-    hbm: dict[str, float] = {}
-    on_chip = 0.0
-    for name, gb in written.items():
-        if name.endswith(ON_CHIP):
-            on_chip += gb
-        else:
-            key = "other" if name.startswith("other:") else name
-            hbm[key] = hbm.get(key, 0.0) + gb
-    parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(hbm.items(), key=lambda kv: -kv[1])
-                      if v >= 0.05)
-    return (f"GB written per chip-step: to HBM {sum(hbm.values()):.1f} ({parts}); to on-chip "
-            f"memory {on_chip:.1f}")
 
 
 def table(rows: list[dict]) -> str:

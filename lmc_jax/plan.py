@@ -246,6 +246,7 @@ def collectives(hlo: str) -> dict[str, dict]:
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(.*?)\s+([a-z][\w-]*)\(")
 _MEMORY_SPACE = re.compile(r"\{[^}]*S\(\d+\)[^}]*\}")
+ON_CHIP = " [memory space S(n), not HBM]"  # suffix of bytes_by_source's on-chip entries
 _SCOPES = ("FlaxUNet2DConditionModel", "FlaxAutoencoderKL", "FlaxCLIPTextTransformer",
            "BiasNet", "MLPField", "BackgroundMLP", "Translator")
 
@@ -277,9 +278,24 @@ def bytes_by_source(hlo: str) -> dict[str, float]:
             last = re.sub(r"^(?:\w+\()+|\)+$", "", op.split("/")[-1]) if op else ""
             scope = f"other: {last or m.group(2) + ' (no op_name)'}"
         if _MEMORY_SPACE.search(m.group(1)):  # a layout in another memory space (on chip)
-            scope += " [memory space S(n), not HBM]"
+            scope += ON_CHIP
         out[scope] += _shape_bytes(m.group(1)) / 1e9
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def written_summary(written: dict[str, float]) -> str:
+    """`bytes_by_source`'s split in one line: GB written to HBM by model (XLA's own ops and
+    the small rest as 'other'), and the total that lands in on-chip memory."""
+    hbm: dict[str, float] = collections.Counter()
+    on_chip = 0.0
+    for name, gb in written.items():
+        if name.endswith(ON_CHIP):
+            on_chip += gb
+        else:
+            hbm["other" if name.startswith("other:") else name] += gb
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in hbm.most_common() if v >= 0.05)
+    return (f"GB written per chip-step: to HBM {sum(hbm.values()):.1f}"
+            + (f" ({parts})" if parts else "") + f"; to on-chip memory {on_chip:.1f}")
 
 
 def analyse(compiled: Any, chip: dict) -> dict[str, Any]:
@@ -319,8 +335,8 @@ def verdict(row: dict, chip: dict, config: Any, mesh: Any) -> str:
     n, model = mesh.size, int(mesh.shape["model"])
     if row["total_gib"] <= 0.9 * hbm:
         out = f"fits ({row['total_gib']:.2f} of {hbm:.1f} GiB per device)"
-        count = sum(c["count"] for c in row["collectives"].values())
         if model > 1:  # the batch covers fewer devices than there are: the prior is split
+            count = sum(c["count"] for c in row["collectives"].values())
             key = "train.batch" if config.app == "bias" else "batch"
             out += (f"; the batch splits over {n // model} of {n} devices and the prior over "
                     f"{model} ({count} collectives per step): --config.{key}={n} (or a "
@@ -353,8 +369,7 @@ def format_plan(row: dict) -> str:
     if "roofline_ms" in row:
         lines.append(["roofline (estimate)", f"{row['roofline_ms']:.1f} ms (compute "
                       f"{row['compute_ms']:.1f}, memory {row['memory_ms']:.1f})"])
-    written = ", ".join(f"{k} {v:.2f}" for k, v in list(row["gb_written_by"].items())[:4])
-    lines.append(["GB written, by model", written or "-"])
+    lines.append(["bytes written", written_summary(row["gb_written_by"])])
     for kind, c in row["collectives"].items():
         lines.append([f"collective: {kind}", f"{c['count']} ({c['mb']:.1f} MB)"])
     if not row["collectives"]:
